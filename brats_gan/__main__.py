@@ -1,0 +1,3 @@
+from brats_gan.cli import main
+
+raise SystemExit(main())
