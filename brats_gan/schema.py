@@ -1,0 +1,107 @@
+"""The slice store: a Zarr v3 group that other projects read with xarray or zarr alone.
+
+The contract (also in the README, "The store"):
+
+- ``image``: float16, dims ``(sample, channel, y, x)``, values in [-1, 1], background -1.
+  Rows run anterior -> posterior and columns patient left -> right (RAS +x), so ``image[i, c]``
+  shows an axial slice seen from the feet, anterior at the top.
+- coordinates along ``sample``: ``subject`` (string), ``slice_index`` (int16, axial index in the
+  RAS-reoriented volume), ``tumour_fraction`` (float32: tumour voxels / brain voxels of the slice,
+  NaN where the subject had no segmentation); along ``channel``: ``channel`` (modality names).
+- chunks hold one sample (the unit the trainer reads), shards hold one subject's slices (the unit a
+  preprocessing task writes, so no two tasks ever touch the same shard).
+- group attributes: ``format``, ``format_version``, ``tool_version``, ``params`` (every
+  preprocessing parameter), ``subjects_planned``, ``skipped`` (``[{"subject", "reason"}]``),
+  ``synthetic`` and, written last, ``complete: true``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+FORMAT = "brats_gan.slices"
+FORMAT_VERSION = 1
+IMAGE = "image"
+DIMS = ("sample", "channel", "y", "x")
+SAMPLE_COORDS = ("subject", "slice_index", "tumour_fraction")
+PROGRESS_GROUP = "progress"
+
+
+class StoreError(ValueError):
+    """A store that cannot be used as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class StoreSummary:
+    """What `brats-gan info` prints and the trainer checks before any rank starts."""
+
+    path: str
+    complete: bool
+    n_samples: int
+    n_subjects: int
+    channels: tuple[str, ...]
+    image_shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None
+    dtype: str
+    attrs: dict[str, Any]
+
+
+@contextlib.contextmanager
+def quiet_consolidated_warning() -> Iterator[None]:
+    """Consolidated metadata is an extension that other v3 readers simply ignore; keep it, quietly."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        yield
+
+
+def read_summary(path: str) -> StoreSummary:
+    """Read the store's metadata (no pixels) and check it is a slice store of this format version."""
+    import zarr
+
+    try:
+        group = zarr.open_group(path, mode="r")
+    except FileNotFoundError as err:
+        raise StoreError(f"{path}: no Zarr store here") from err
+    except Exception as err:  # zarr raises several types for "not a group"
+        raise StoreError(f"{path}: not a readable Zarr v3 group ({err})") from err
+    attrs = dict(group.attrs)
+    if attrs.get("format") != FORMAT:
+        raise StoreError(f"{path}: not a brats_gan slice store (attribute format={attrs.get('format')!r})")
+    version = attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreError(
+            f"{path}: store format_version {version} but this brats_gan reads version {FORMAT_VERSION}; "
+            "re-run `brats-gan preprocess` with this version"
+        )
+    image = group[IMAGE]
+    shards = image.shards if getattr(image, "shards", None) else None
+    subjects = group["subject"][:] if "subject" in group else []
+    channels = tuple(str(c) for c in group["channel"][:]) if "channel" in group else ()
+    return StoreSummary(
+        path=str(path),
+        complete=bool(attrs.get("complete", False)),
+        n_samples=int(image.shape[0]),
+        n_subjects=len(set(str(s) for s in subjects if s)),
+        channels=channels,
+        image_shape=tuple(image.shape),
+        chunks=tuple(image.chunks),
+        shards=tuple(shards) if shards else None,
+        dtype=str(image.dtype),
+        attrs=attrs,
+    )
+
+
+def require_complete(path: str) -> StoreSummary:
+    """The summary of a finished store, or a StoreError that says how to finish it."""
+    summary = read_summary(path)
+    if not summary.complete:
+        raise StoreError(
+            f"{path}: store is not marked complete (preprocessing was interrupted or failed); "
+            "finish it with `brats-gan preprocess ... --resume`"
+        )
+    return summary
