@@ -1,0 +1,63 @@
+"""`brats-gan` / `python -m brats_gan`: one subcommand per stage.
+
+Each subcommand lives in its own module exposing ``configure_parser(parser)`` and ``run(args) -> int``;
+modules are imported only when their subcommand runs, so `brats-gan preprocess` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "preprocess": ("brats_gan.preprocess_cli", "slice and normalise a BraTS folder into a Zarr store (Dask)"),
+    "info": ("brats_gan.preprocess_cli", "print a store's schema, counts and parameters"),
+    "preview": ("brats_gan.preview", "draw a contact sheet PNG of stored slices"),
+    "demo": ("brats_gan.demo", "write brain phantoms in a BraTS layout and run the pipeline on them"),
+    "models": ("brats_gan.models_cli", "print the generator and critic of a preset as tables"),
+    "train": ("brats_gan.train", "train the WGAN in one process (use the deepspeed launcher for several)"),
+    "generate": ("brats_gan.generate", "write synthetic slices from a checkpoint into a store"),
+}
+
+
+class CommandError(Exception):
+    """A user error: printed as one line, exit status 2, no traceback."""
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """All subcommands with their help; only the one named in ``argv`` imports its module for options."""
+    from brats_gan import __version__
+
+    parser = argparse.ArgumentParser(prog="brats-gan", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"brats_gan {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            mod = importlib.import_module(module)
+            (getattr(mod, f"configure_{name}_parser", None) or mod.configure_parser)(p)
+            p.set_defaults(_run=getattr(mod, f"run_{name}", None) or mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args._run(args) or 0)
+    except CommandError as err:
+        print(f"brats-gan {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"brats-gan {args.command}: interrupted", file=sys.stderr)
+        return 130
