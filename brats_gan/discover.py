@@ -1,0 +1,117 @@
+"""Find BraTS subjects and their modality files in every BraTS folder layout.
+
+Layouts (the dataset folder given directly, or one level above it):
+- 2020: ``BraTS20_Training_001/BraTS20_Training_001_flair.nii.gz`` (also plain ``.nii``)
+- 2021: ``BraTS2021_00000/BraTS2021_00000_flair.nii.gz``
+- 2023+: ``BraTS-GLI-00001-000/BraTS-GLI-00001-000-t2f.nii.gz`` (GLI, MEN, MET, PED, SSA)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODALITIES = ("flair", "t1", "t1ce", "t2", "seg")
+ALIASES = {"t2f": "flair", "t1c": "t1ce", "t1n": "t1", "t2w": "t2", "flair": "flair", "t1": "t1",
+           "t1ce": "t1ce", "t2": "t2", "seg": "seg"}
+_FILE = re.compile(r"^(?P<subject>.+?)[_-](?P<modality>" + "|".join(sorted(ALIASES, key=len, reverse=True))
+                   + r")\.nii(?:\.gz)?$", re.IGNORECASE)
+_NUMBER = re.compile(r"(\d+)(?:-\d{3})?$")
+
+
+class DiscoveryError(ValueError):
+    """The folder or the selection does not give any usable subject."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One BraTS case: its ID (the folder name) and a file per canonical modality."""
+
+    id: str
+    files: dict[str, Path] = field(hash=False, compare=False)
+
+    @property
+    def number(self) -> int | None:
+        """The case number users quote ("001 to 015"): 2020's 001, 2021's 00000, 2023's 00001 of -000."""
+        match = _NUMBER.search(self.id)
+        return int(match.group(1)) if match else None
+
+
+def canonical_modality(name: str) -> str:
+    """flair/t2f, t1ce/t1c, t1/t1n, t2/t2w, seg -> the BraTS 2020 names used in the store."""
+    try:
+        return ALIASES[name.lower()]
+    except KeyError:
+        raise DiscoveryError(f"unknown modality {name!r}; known: {', '.join(sorted(ALIASES))}") from None
+
+
+def _subject_in(folder: Path) -> Subject | None:
+    files: dict[str, Path] = {}
+    for path in folder.iterdir():
+        match = _FILE.match(path.name)
+        if match and match.group("subject") == folder.name and path.is_file():
+            files.setdefault(canonical_modality(match.group("modality")), path)
+    return Subject(folder.name, files) if files else None
+
+
+def _subjects_below(folder: Path) -> list[Subject]:
+    found = (_subject_in(child) for child in sorted(folder.iterdir()) if child.is_dir())
+    return [s for s in found if s is not None]
+
+
+def discover_subjects(root: str | Path) -> list[Subject]:
+    """All subjects in ``root``, or in the dataset folders one level below it, sorted by ID."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DiscoveryError(f"{root}: not a folder")
+    subjects = _subjects_below(root)
+    if not subjects:
+        for child in sorted(p for p in root.iterdir() if p.is_dir()):
+            subjects.extend(_subjects_below(child))
+    if not subjects:
+        raise DiscoveryError(
+            f"{root}: no BraTS subjects found (expected folders like BraTS20_Training_001/ holding "
+            "BraTS20_Training_001_flair.nii.gz, here or one level below)"
+        )
+    ids = [s.id for s in subjects]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise DiscoveryError(f"{root}: subject IDs found in more than one dataset folder: {duplicates[:5]}")
+    return sorted(subjects, key=lambda s: s.id)
+
+
+def parse_selection(spec: str) -> tuple[set[str], list[tuple[int, int]]]:
+    """'001-015,BraTS20_Training_042,100' -> exact IDs and inclusive number ranges."""
+    ids: set[str] = set()
+    ranges: list[tuple[int, int]] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        if re.fullmatch(r"\d+", item):
+            ranges.append((int(item), int(item)))
+        elif re.fullmatch(r"\d+-\d+", item):
+            a, b = (int(x) for x in item.split("-"))
+            if a > b:
+                raise DiscoveryError(f"subject range {item!r} runs backwards")
+            ranges.append((a, b))
+        else:
+            ids.add(item)
+    return ids, ranges
+
+
+def select_subjects(subjects: list[Subject], spec: str | None) -> list[Subject]:
+    """Keep the subjects named by ``spec`` (IDs and/or case-number ranges such as the poster's 001-015)."""
+    if not spec:
+        return list(subjects)
+    ids, ranges = parse_selection(spec)
+    chosen = [
+        s for s in subjects
+        if s.id in ids or (s.number is not None and any(a <= s.number <= b for a, b in ranges))
+    ]
+    unknown = ids - {s.id for s in subjects}
+    if unknown:
+        raise DiscoveryError(f"--subjects names IDs not found: {', '.join(sorted(unknown)[:5])}")
+    if not chosen:
+        raise DiscoveryError(f"--subjects {spec!r} matches none of the {len(subjects)} subjects found")
+    return chosen

@@ -1,0 +1,449 @@
+"""BraTS subjects -> the slice store, one Dask task per subject, resumable.
+
+How the work is laid out:
+- ``prepare_subject`` (a task) loads, checks and transforms one subject; its pixels stay on the worker.
+- the client learns only each subject's verdict, and gives the good ones consecutive *slots* in
+  discovery order (subject k of the store holds samples ``[k*n, (k+1)*n)``), so the layout does not
+  depend on which task finished first and a resumed store equals a single run's;
+- ``write_subject`` (a task, on the worker holding the pixels) writes that slot's shard and then a
+  completion marker ``progress/<subject>``; markers are what ``--resume`` trusts;
+- ``finalize_store`` trims the arrays to the stored subjects, writes the coordinates, drops the
+  markers, and sets ``complete: true`` last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brats_gan import __version__, schema
+from brats_gan.discover import MODALITIES, Subject, canonical_modality
+from brats_gan.transforms import (
+    SLICE_POLICIES,
+    InvalidVolume,
+    axial_area,
+    axial_images,
+    brain_percentiles,
+    check_not_constant,
+    load_volume,
+    normalise_brain,
+    pad_or_crop,
+    reorient_to_ras,
+    select_slices,
+)
+
+log = logging.getLogger(__name__)
+
+
+class PreprocessError(RuntimeError):
+    """The run cannot go on as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything that decides the stored pixels; a resumed run must match it exactly."""
+
+    modalities: tuple[str, ...] = ("flair",)
+    slices: int = 48
+    slice_policy: str = "brain"
+    slice_range: tuple[int, int] | None = None
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    size: int = 256
+
+    def __post_init__(self) -> None:
+        mods = tuple(canonical_modality(m) for m in self.modalities)
+        object.__setattr__(self, "modalities", mods)
+        if not mods:
+            raise ValueError("modalities: give at least one modality")
+        if "seg" in mods:
+            raise ValueError("modalities: 'seg' is a label map, used for tumour_fraction, not an image channel")
+        if len(set(mods)) != len(mods):
+            raise ValueError(f"modalities: repeated modality in {mods}")
+        if self.slice_policy not in SLICE_POLICIES:
+            raise ValueError(f"slice_policy: {self.slice_policy!r} is not one of {SLICE_POLICIES}")
+        if self.slice_range is not None:
+            start, stop = self.slice_range
+            if not 0 <= start < stop:
+                raise ValueError(f"slice_range: {start}:{stop} is not a range of axial slices")
+            if self.slice_policy != "range":
+                object.__setattr__(self, "slice_policy", "range")
+            object.__setattr__(self, "slices", stop - start)
+        elif self.slice_policy == "range":
+            raise ValueError("slice_range: policy 'range' needs a range such as 50:98")
+        if self.slices < 1:
+            raise ValueError(f"slices: must be at least 1, got {self.slices}")
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"percentiles: need 0 <= low < high <= 100, got {self.percentiles}")
+        if self.size < 8:
+            raise ValueError(f"size: must be at least 8 pixels, got {self.size}")
+
+    def params(self) -> dict[str, Any]:
+        """JSON-ready parameters, stored in the group attributes and compared on --resume."""
+        p = dataclasses.asdict(self)
+        p["modalities"] = list(self.modalities)
+        p["slice_range"] = list(self.slice_range) if self.slice_range else None
+        p["percentiles"] = list(self.percentiles)
+        p["dtype"] = "float16"
+        return p
+
+
+@dataclass
+class PreparedSubject:
+    """One subject's stored samples, or the reason it cannot be stored."""
+
+    subject: str
+    images: np.ndarray | None = None  # (slices, channels, size, size) float16
+    slice_index: np.ndarray | None = None
+    tumour_fraction: np.ndarray | None = None
+    error: str | None = None
+
+
+def prepare_subject(subject: Subject, config: PreprocessConfig) -> PreparedSubject:
+    """Load, reorient, check, select slices, normalise and pad one subject (runs on a worker)."""
+    try:
+        missing = [m for m in config.modalities if m not in subject.files]
+        if missing:
+            raise InvalidVolume(f"missing modality {', '.join(missing)} (found: {', '.join(sorted(subject.files))})")
+        volumes = []
+        for modality in config.modalities:
+            path = subject.files[modality]
+            data, affine = load_volume(path)
+            data = reorient_to_ras(data, affine)
+            if volumes and data.shape != volumes[0].shape:
+                raise InvalidVolume(
+                    f"{path.name}: shape {data.shape} differs from {config.modalities[0]}'s {volumes[0].shape}"
+                )
+            check_not_constant(data, path.name)
+            volumes.append(data)
+        tumour_area = None
+        if "seg" in subject.files:
+            seg, affine = load_volume(subject.files["seg"])
+            seg = reorient_to_ras(seg, affine)
+            if seg.shape != volumes[0].shape:
+                raise InvalidVolume(f"{subject.files['seg'].name}: shape {seg.shape} differs from {volumes[0].shape}")
+            tumour_area = axial_area(seg)
+        brain_area = axial_area(volumes[0])
+        window = select_slices(config.slices, brain_area, config.slice_policy, tumour_area, config.slice_range)
+        channels = [
+            axial_images(normalise_brain(vol[:, :, window], *brain_percentiles(vol, config.percentiles)))
+            for vol in volumes
+        ]
+        images = pad_or_crop(np.stack(channels, axis=1), config.size)
+        if tumour_area is None:
+            fraction = np.full(config.slices, np.nan, dtype=np.float32)
+        else:
+            fraction = (tumour_area[window] / np.maximum(brain_area[window], 1)).astype(np.float32)
+        return PreparedSubject(
+            subject.id, images, np.arange(window.start, window.stop, dtype=np.int16), fraction
+        )
+    except InvalidVolume as err:
+        return PreparedSubject(subject.id, error=str(err))
+
+
+def verdict(prepared: PreparedSubject) -> tuple[str, str, str | None]:
+    """The small part of a prepared subject the client needs: its name and error, never its pixels."""
+    return "checked", prepared.subject, prepared.error
+
+
+# ---------------------------------------------------------------- the store
+
+
+def store_exists(path: str) -> bool:
+    return (Path(path) / "zarr.json").exists() or (Path(path).exists() and any(Path(path).iterdir()))
+
+
+def create_store(path: str, config: PreprocessConfig, planned: list[str], overwrite: bool) -> str:
+    """Write the empty store: metadata, placeholder coordinates and attributes; returns the run token."""
+    import dask.array as da
+    import xarray as xr
+
+    if store_exists(path):
+        if not overwrite:
+            raise PreprocessError(
+                f"{path} already exists; pass --resume to continue it or --overwrite to replace it"
+            )
+        shutil.rmtree(path)
+    n = len(planned) * config.slices
+    c, s = len(config.modalities), config.size
+    image = da.zeros((n, c, s, s), dtype=np.float16, chunks=(config.slices, c, s, s))
+    token = uuid.uuid4().hex
+    ds = xr.Dataset(
+        {schema.IMAGE: (schema.DIMS, image)},
+        coords={
+            "subject": ("sample", np.full(n, "", dtype=object)),
+            "slice_index": ("sample", np.full(n, -1, dtype=np.int16)),
+            "tumour_fraction": ("sample", np.full(n, np.nan, dtype=np.float32)),
+            "channel": ("channel", np.array(config.modalities, dtype=object)),
+        },
+        attrs={
+            "format": schema.FORMAT,
+            "format_version": schema.FORMAT_VERSION,
+            "tool_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "run_token": token,
+            "params": config.params(),
+            "subjects_planned": list(planned),
+            "skipped": [],
+            "synthetic": False,
+            "complete": False,
+        },
+    )
+    encoding = {schema.IMAGE: {"chunks": (1, c, s, s), "shards": (config.slices, c, s, s)}}
+    with schema.quiet_consolidated_warning():
+        ds.to_zarr(path, mode="w", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
+    log.info("created %s for %d subjects x %d slices", path, len(planned), config.slices)
+    return token
+
+
+def _open_group(path: str, mode: str = "r+"):
+    import zarr
+
+    return zarr.open_group(path, mode=mode, use_consolidated=False)
+
+
+def read_markers(path: str) -> dict[str, dict[str, Any]]:
+    """Completion markers of the subjects a previous run finished (stored or skipped)."""
+    group = _open_group(path, "r")
+    if schema.PROGRESS_GROUP not in group:
+        return {}
+    return {name: dict(child.attrs) for name, child in group[schema.PROGRESS_GROUP].groups()}
+
+
+def open_for_resume(path: str, config: PreprocessConfig, planned: list[str]) -> tuple[str, dict[str, dict]]:
+    """Check that an incomplete store was started with these parameters; return its token and markers."""
+    attrs = schema.read_summary(path).attrs
+    if attrs.get("complete"):
+        return attrs["run_token"], {}
+    stored = attrs.get("params", {})
+    wanted = config.params()
+    diffs = [f"{k}: store has {stored.get(k)!r}, this run {wanted[k]!r}" for k in wanted if stored.get(k) != wanted[k]]
+    if diffs:
+        raise PreprocessError(f"{path} was written with other parameters; refusing to resume ({'; '.join(diffs)})")
+    if attrs.get("subjects_planned") != planned:
+        before, now = set(attrs.get("subjects_planned", [])), set(planned)
+        raise PreprocessError(
+            f"{path} was started for another set of subjects ({len(before - now)} no longer selected, "
+            f"{len(now - before)} new); resume with the same input and --subjects, or --overwrite"
+        )
+    return attrs["run_token"], read_markers(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _worker_arrays(path: str, token: str):
+    """Open once per worker and run: re-reading metadata for every subject would cost more than its write."""
+    group = _open_group(path)
+    return group[schema.IMAGE], group.require_group(schema.PROGRESS_GROUP)
+
+
+def write_subject(path: str, token: str, prepared: PreparedSubject, slot: int) -> tuple[str, str]:
+    """Write one subject's shard, then its completion marker (runs on the worker holding the pixels)."""
+    image, progress = _worker_arrays(path, token)
+    n = len(prepared.images)
+    image[slot * n : (slot + 1) * n] = prepared.images
+    progress.create_group(
+        prepared.subject,
+        overwrite=True,
+        attributes={
+            "status": "stored",
+            "slot": slot,
+            "slice_index": prepared.slice_index.tolist(),
+            "tumour_fraction": [None if np.isnan(f) else float(f) for f in prepared.tumour_fraction],
+        },
+    )
+    return "written", prepared.subject
+
+
+def mark_skipped(path: str, subject: str, reason: str) -> None:
+    _open_group(path).require_group(schema.PROGRESS_GROUP).create_group(
+        subject, overwrite=True, attributes={"status": "skipped", "reason": reason}
+    )
+
+
+def finalize_store(path: str, config: PreprocessConfig, planned: list[str]) -> schema.StoreSummary:
+    """Trim to the stored subjects, write coordinates, drop markers, consolidate, then mark complete."""
+    import zarr
+
+    markers = read_markers(path)
+    stored = sorted((m["slot"], sid) for sid, m in markers.items() if m["status"] == "stored")
+    if [slot for slot, _ in stored] != list(range(len(stored))):
+        raise PreprocessError(f"{path}: stored slots are not contiguous; re-run with --overwrite")
+    if not stored:
+        raise PreprocessError(f"{path}: no subject could be stored")
+    n = config.slices
+    ids = [sid for _, sid in stored]
+    group = _open_group(path)
+    total = len(ids) * n
+    for name in (schema.IMAGE, *schema.SAMPLE_COORDS):
+        array = group[name]
+        if array.shape[0] != total:
+            array.resize((total, *array.shape[1:]))
+    group["subject"][:] = np.repeat(np.array(ids, dtype=object), n)
+    group["slice_index"][:] = np.concatenate([markers[sid]["slice_index"] for sid in ids]).astype(np.int16)
+    group["tumour_fraction"][:] = np.array(
+        [np.nan if f is None else f for sid in ids for f in markers[sid]["tumour_fraction"]], dtype=np.float32
+    )
+    skipped = [{"subject": sid, "reason": markers[sid]["reason"]}
+               for sid in planned if markers.get(sid, {}).get("status") == "skipped"]
+    group.attrs.update({"skipped": skipped, "n_subjects": len(ids)})
+    del group[schema.PROGRESS_GROUP]
+    with schema.quiet_consolidated_warning():
+        zarr.consolidate_metadata(path)
+    group = zarr.open_group(path, mode="r+")
+    group.attrs["complete"] = True
+    return schema.read_summary(path)
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class PreprocessReport:
+    store: str
+    stored: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    invalid: list[tuple[str, str]] = field(default_factory=list)
+    already_done: int = 0
+    complete: bool = False
+    seconds: float = 0.0
+
+
+class SlotPlanner:
+    """Hands out consecutive slots in discovery order as verdicts arrive, in whatever order they arrive.
+
+    A bad subject either gives up its place (``skip_invalid``) or, without it, stops all later slots:
+    then nothing after it is stored, so fixing its file and resuming puts it where a clean run would.
+    """
+
+    def __init__(self, planned: list[str], markers: dict[str, dict], skip_invalid: bool):
+        self.planned, self.markers, self.skip_invalid = planned, markers, skip_invalid
+        self.verdicts: dict[str, str | None] = {}
+        self.cursor = 0
+        self.next_slot = 0
+        self.blocked = False
+
+    def advance(self) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+        """Slots newly assigned, and subjects newly skipped, now that more verdicts are known."""
+        assigned, skipped = [], []
+        while not self.blocked and self.cursor < len(self.planned):
+            sid = self.planned[self.cursor]
+            marker = self.markers.get(sid)
+            if marker is not None:
+                if marker["status"] == "stored":
+                    if marker["slot"] != self.next_slot:
+                        raise PreprocessError(
+                            f"{sid} was stored at slot {marker['slot']} but belongs at {self.next_slot}: "
+                            "a subject before it changed since the store was started; re-run with --overwrite"
+                        )
+                    self.next_slot += 1
+            elif sid not in self.verdicts:
+                break
+            elif self.verdicts[sid] is None:
+                assigned.append((sid, self.next_slot))
+                self.next_slot += 1
+            elif self.skip_invalid:
+                skipped.append((sid, self.verdicts[sid]))
+            else:
+                self.blocked = True
+                break
+            self.cursor += 1
+        return assigned, skipped
+
+
+def run_preprocess(
+    subjects: list[Subject],
+    store: str,
+    config: PreprocessConfig,
+    client,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    skip_invalid: bool = False,
+    progress: bool = True,
+) -> PreprocessReport:
+    """Preprocess ``subjects`` into ``store`` on the Dask cluster behind ``client``."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    store = str(store)
+    planned = [s.id for s in subjects]
+    report = PreprocessReport(store)
+    markers: dict[str, dict] = {}
+    if resume and store_exists(store):
+        token, markers = open_for_resume(store, config, planned)
+        if schema.read_summary(store).complete:
+            log.info("%s is already complete; nothing to do", store)
+            report.complete, report.already_done = True, len(planned)
+            return report
+        report.already_done = len(markers)
+        log.info("resuming %s: %d of %d subjects already done", store, len(markers), len(planned))
+    else:
+        if resume:
+            log.info("%s does not exist yet; starting it", store)
+        token = create_store(store, config, planned, overwrite)
+
+    todo = [s for s in subjects if s.id not in markers]
+    prepared = {s.id: client.submit(prepare_subject, s, config, pure=False) for s in todo}
+    pending = as_completed([client.submit(verdict, f, pure=False) for f in prepared.values()], with_results=True)
+    planner = SlotPlanner(planned, markers, skip_invalid)
+    writing: set[str] = set()
+    not_stored = 0
+    bar = tqdm(total=len(planned), initial=len(markers), unit="subject", desc="preprocess", disable=not progress)
+
+    def finish(sid: str) -> None:
+        prepared.pop(sid).release()
+        bar.update()
+
+    try:
+        for future, result in pending:
+            future.release()
+            if result[0] == "written":
+                report.stored.append(result[1])
+                finish(result[1])
+                continue
+            _, sid, error = result
+            planner.verdicts[sid] = error
+            if error is not None:
+                log.warning("%s: %s", sid, error)
+            assigned, skipped = planner.advance()
+            for sid_ok, slot in assigned:
+                writing.add(sid_ok)
+                pending.add(client.submit(write_subject, store, token, prepared[sid_ok], slot, pure=False))
+            for sid_bad, reason in skipped:
+                mark_skipped(store, sid_bad, reason)
+                report.skipped.append((sid_bad, reason))
+                finish(sid_bad)
+            if planner.blocked:  # strict mode after a bad subject: check the rest, store nothing more
+                for checked in [k for k in prepared if k in planner.verdicts and k not in writing]:
+                    if planner.verdicts[checked] is None:
+                        not_stored += 1
+                    else:
+                        report.invalid.append((checked, planner.verdicts[checked]))
+                    finish(checked)
+    except PreprocessError:
+        raise
+    except Exception as err:
+        raise PreprocessError(f"preprocessing stopped: {type(err).__name__}: {err} "
+                              f"({store} stays incomplete; fix the cause and re-run with --resume)") from err
+    finally:
+        bar.close()
+    report.seconds = time.perf_counter() - started
+    if report.invalid:
+        if not_stored:
+            log.warning("%d good subjects after the first invalid one were checked but not stored", not_stored)
+        return report
+    finalize_store(store, config, planned)
+    report.complete = True
+    report.seconds = time.perf_counter() - started
+    return report

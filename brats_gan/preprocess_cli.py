@@ -1,0 +1,134 @@
+"""`brats-gan preprocess` and `brats-gan info`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from brats_gan.cli import CommandError
+
+
+def configure_preprocess_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="BraTS dataset folder (holding subject folders), or the folder above it")
+    p.add_argument("--out", required=True, metavar="STORE", help="Zarr store to write, e.g. brats.zarr")
+    p.add_argument("--modalities", default="flair",
+                   help="comma-separated channels, in order (flair|t2f, t1|t1n, t1ce|t1c, t2|t2w); default flair")
+    p.add_argument("--subjects", metavar="SPEC",
+                   help="subjects to take: IDs and/or case numbers and ranges, e.g. 001-015 (the poster's)")
+    p.add_argument("--slices", type=int, default=48, help="axial slices per subject (default 48, as in the poster)")
+    p.add_argument("--slice-policy", choices=["brain", "tumour", "range"], default="brain",
+                   help="brain: centred on the largest brain cross-section (default); tumour: the window "
+                        "with the most tumour (needs seg); range: --slice-range")
+    p.add_argument("--slice-range", metavar="START:STOP", help="explicit axial index range, e.g. 50:98")
+    p.add_argument("--percentiles", type=float, nargs=2, default=(0.5, 99.5), metavar=("LOW", "HIGH"),
+                   help="brain intensity percentiles mapped to -1 and 1 (default 0.5 99.5)")
+    p.add_argument("--size", type=int, default=256, help="output image size; volumes are centre-padded/cropped")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--workers", type=int, help="start a local Dask cluster of N workers (default: one per core)")
+    group.add_argument("--scheduler", metavar="ADDRESS", help="use an existing Dask scheduler, e.g. tcp://host:8786")
+    p.add_argument("--dashboard-port", type=int, default=8787, help="local cluster dashboard port (default 8787)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an incomplete store with the same parameters")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="store the good subjects and list the bad ones, instead of failing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _config(args: argparse.Namespace):
+    from brats_gan.preprocess import PreprocessConfig
+
+    slice_range = None
+    if args.slice_range:
+        try:
+            start, stop = (int(x) for x in args.slice_range.split(":"))
+        except ValueError:
+            raise CommandError(f"--slice-range: expected START:STOP, got {args.slice_range!r}") from None
+        slice_range = (start, stop)
+    try:
+        return PreprocessConfig(
+            modalities=tuple(m.strip() for m in args.modalities.split(",") if m.strip()),
+            slices=args.slices,
+            slice_policy=args.slice_policy,
+            slice_range=slice_range,
+            percentiles=tuple(args.percentiles),
+            size=args.size,
+        )
+    except ValueError as err:
+        raise CommandError(f"bad preprocessing option: {err}") from None
+
+
+def run_preprocess(args: argparse.Namespace) -> int:
+    from brats_gan.cluster import dask_client
+    from brats_gan.discover import DiscoveryError, discover_subjects, select_subjects
+    from brats_gan.preprocess import PreprocessError, run_preprocess
+
+    config = _config(args)
+    try:
+        subjects = select_subjects(discover_subjects(args.input), args.subjects)
+    except DiscoveryError as err:
+        raise CommandError(str(err)) from None
+    print(f"{len(subjects)} subjects, modalities {', '.join(config.modalities)}, "
+          f"{config.slices} slices each -> {args.out}")
+    try:
+        with dask_client(args.workers, args.scheduler, args.dashboard_port) as client:
+            report = run_preprocess(subjects, args.out, config, client, resume=args.resume,
+                                    overwrite=args.overwrite, skip_invalid=args.skip_invalid,
+                                    progress=not args.no_progress)
+    except PreprocessError as err:
+        raise CommandError(str(err)) from None
+    bad = report.invalid or report.skipped
+    if bad:
+        print(f"\n{len(bad)} subject(s) could not be used:", file=sys.stderr)
+        for sid, reason in bad:
+            print(f"  {sid}: {reason}", file=sys.stderr)
+    if report.invalid:
+        print(f"\n{args.out} is NOT complete. Fix or remove these subjects and re-run with --resume, "
+              "or re-run with --resume --skip-invalid to store the rest without them.", file=sys.stderr)
+        return 1
+    print(f"{args.out}: complete, {len(report.stored) + report.already_done - len(report.skipped)} "
+          f"subjects stored this run or before, {len(report.skipped)} skipped, {report.seconds:.1f} s")
+    return 0
+
+
+def configure_info_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", help="a store written by brats-gan preprocess or generate")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from brats_gan.schema import StoreError, read_summary
+
+    try:
+        s = read_summary(args.store)
+    except StoreError as err:
+        raise CommandError(str(err)) from None
+    info = {
+        "store": s.path,
+        "complete": s.complete,
+        "format": f"{s.attrs['format']} v{s.attrs['format_version']} (brats_gan {s.attrs.get('tool_version')})",
+        "image": {"dims": ["sample", "channel", "y", "x"], "shape": list(s.image_shape), "dtype": s.dtype,
+                  "chunks": list(s.chunks), "shards": list(s.shards) if s.shards else None},
+        "channels": list(s.channels),
+        "samples": s.n_samples,
+        "subjects": s.n_subjects,
+        "skipped": s.attrs.get("skipped", []),
+        "synthetic": s.attrs.get("synthetic", False),
+        "params": s.attrs.get("params", {}),
+    }
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {v}")
+        elif key == "skipped":
+            print(f"skipped: {len(value)}")
+            for item in value:
+                print(f"  {item['subject']}: {item['reason']}")
+        else:
+            print(f"{key}: {value}")
+    return 0
