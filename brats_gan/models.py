@@ -1,0 +1,409 @@
+"""The generator and critic of the poster (Tables I and II) as plain ``torch.nn.Module``s.
+
+Nothing here knows about ranks, DeepSpeed or data: the trainer wraps these modules, the
+``models`` subcommand prints them, and tests build them on one CPU thread.
+
+Every architectural choice is a field of :class:`ModelConfig`, so a checkpoint that stores
+``dataclasses.asdict(config)`` can rebuild its networks with ``ModelConfig(**saved)``.
+The ``paper`` preset keeps every shape of the poster; where the poster's critic fights the
+WGAN-GP loss (batch norm, ReLU, a final sigmoid) it deviates, and ``paper-faithful`` keeps
+the poster's choices for comparison. The README section "The networks" gives the reasons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+NORMS = ("batch", "layer", "none")
+ACTIVATIONS = ("relu", "leaky_relu")
+UPSAMPLES = ("transposed", "resize")
+RESIZE_MODES = ("nearest", "bilinear")
+GENERATOR_NORMS = ("batch", "none")
+NO_ACTIVATION = "—"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and layer choices of both networks; validated on construction.
+
+    ``generator_widths[0]`` is the width of the reshaped fully-connected output; each further
+    entry is the output width of one stride-2 upsampling layer, and one last upsampling layer
+    maps to ``channels``. So the generator has ``len(generator_widths)`` upsampling layers and
+    starts from ``image_size / 2**len(generator_widths)`` pixels square.
+    ``critic_widths`` are the output widths of the stride-2 convolutions; the last
+    ``critic_refine_last`` of them are each followed by a 3x3 stride-1 convolution of the same width.
+    """
+
+    image_size: int = 256
+    channels: int = 3
+    latent_dim: int = 128
+    generator_widths: tuple[int, ...] = (1024, 512, 256, 128, 64, 32)
+    generator_norm: str = "batch"
+    generator_dropout: float = 0.1
+    upsample: str = "transposed"
+    resize_mode: str = "nearest"
+    critic_widths: tuple[int, ...] = (32, 64, 128, 156, 512, 1024)
+    critic_refine_last: int = 3
+    critic_norm: str = "layer"
+    critic_activation: str = "leaky_relu"
+    critic_sigmoid: bool = False
+    critic_noise_std: float = 0.1
+    leaky_slope: float = 0.2
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("generator_widths", "critic_widths"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise ValueError(f"ModelConfig.{name} must be a sequence of positive ints, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+
+        def check(name: str, ok: bool, must: str) -> None:
+            if not ok:
+                raise ValueError(f"ModelConfig.{name} must be {must}, got {getattr(self, name)!r}")
+
+        def positive_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+        check("image_size", positive_int(self.image_size), "a positive int")
+        check("channels", positive_int(self.channels), "a positive int")
+        check("latent_dim", positive_int(self.latent_dim), "a positive int")
+        check("generator_widths", len(self.generator_widths) > 0 and all(map(positive_int, self.generator_widths)),
+              "a non-empty sequence of positive ints")
+        check("generator_widths", self.image_size % 2 ** len(self.generator_widths) == 0,
+              f"short enough that image_size={self.image_size} halves {len(self.generator_widths)} times exactly")
+        check("generator_norm", self.generator_norm in GENERATOR_NORMS, f"one of {GENERATOR_NORMS}")
+        check("generator_dropout", isinstance(self.generator_dropout, (int, float))
+              and 0.0 <= self.generator_dropout < 1.0, "a float in [0, 1)")
+        check("upsample", self.upsample in UPSAMPLES, f"one of {UPSAMPLES}")
+        check("resize_mode", self.resize_mode in RESIZE_MODES, f"one of {RESIZE_MODES}")
+        check("critic_widths", len(self.critic_widths) > 0 and all(map(positive_int, self.critic_widths)),
+              "a non-empty sequence of positive ints")
+        check("critic_widths", self.image_size % 2 ** len(self.critic_widths) == 0,
+              f"short enough that image_size={self.image_size} halves {len(self.critic_widths)} times exactly")
+        check("critic_refine_last", isinstance(self.critic_refine_last, int)
+              and 0 <= self.critic_refine_last <= len(self.critic_widths),
+              f"an int in [0, len(critic_widths)={len(self.critic_widths)}]")
+        check("critic_norm", self.critic_norm in NORMS, f"one of {NORMS}")
+        check("critic_activation", self.critic_activation in ACTIVATIONS, f"one of {ACTIVATIONS}")
+        check("critic_sigmoid", isinstance(self.critic_sigmoid, bool), "a bool")
+        check("critic_noise_std", isinstance(self.critic_noise_std, (int, float)) and self.critic_noise_std >= 0,
+              "a float >= 0")
+        check("leaky_slope", isinstance(self.leaky_slope, (int, float)) and 0 <= self.leaky_slope < 1,
+              "a float in [0, 1)")
+        check("init_std", isinstance(self.init_std, (int, float)) and self.init_std > 0, "a float > 0")
+
+    @property
+    def base_size(self) -> int:
+        """Side of the generator's reshaped fully-connected output (4 for the poster)."""
+        return self.image_size // 2 ** len(self.generator_widths)
+
+    @property
+    def critic_final_size(self) -> int:
+        """Side of the critic's last feature map, flattened into its fully-connected layer."""
+        return self.image_size // 2 ** len(self.critic_widths)
+
+
+_PAPER = ModelConfig()
+_TINY = dataclasses.replace(
+    _PAPER, image_size=64, generator_widths=(64, 32, 16, 8), critic_widths=(8, 16, 32, 64)
+)
+_FAITHFUL_CRITIC = dict(critic_norm="batch", critic_activation="relu", critic_sigmoid=True, critic_noise_std=0.2)
+
+PRESETS: dict[str, ModelConfig] = {
+    "paper": _PAPER,
+    "paper-resize": dataclasses.replace(_PAPER, upsample="resize"),
+    "paper-faithful": dataclasses.replace(_PAPER, **_FAITHFUL_CRITIC),
+    "tiny": _TINY,
+    "tiny-resize": dataclasses.replace(_TINY, upsample="resize"),
+    "tiny-faithful": dataclasses.replace(_TINY, **_FAITHFUL_CRITIC),
+}
+
+
+def get_config(name_or_config: str | ModelConfig) -> ModelConfig:
+    """A preset by name (or a config passed through), so callers accept either from users."""
+    if isinstance(name_or_config, ModelConfig):
+        return name_or_config
+    try:
+        return PRESETS[name_or_config]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown model preset {name_or_config!r}; known presets: {', '.join(PRESETS)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+
+
+class Block(nn.Sequential):
+    """One row of the poster's tables: its layers run in order, and ``label``/``activation``
+    name the row in :func:`layer_table`. Named children keep state-dict keys readable."""
+
+    def __init__(self, label: str, activation: str, **layers: nn.Module | None) -> None:
+        super().__init__()
+        self.label = label
+        self.activation = activation
+        for name, layer in layers.items():
+            if layer is not None:
+                self.add_module(name, layer)
+
+
+class InstanceNoise(nn.Module):
+    """Adds N(0, std²) to its input in training mode only (the poster's "noise samples added as
+    input in every layer"; Sønderby et al. 2016). ``std`` may be changed between steps to anneal it."""
+
+    def __init__(self, std: float) -> None:
+        super().__init__()
+        self.std = float(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.std > 0:
+            return x + self.std * torch.randn_like(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"std={self.std}"
+
+
+def _conv_label(kind: str, k: int) -> str:
+    return f"{kind} {k} × {k}"
+
+
+def _activation(name: str, slope: float) -> tuple[nn.Module, str]:
+    if name == "leaky_relu":
+        return nn.LeakyReLU(slope), "Leaky ReLU"
+    return nn.ReLU(), "ReLU"
+
+
+def _critic_norm(kind: str, channels: int) -> nn.Module | None:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# the networks
+
+
+class Generator(nn.Module):
+    """Table I: z -> FC -> reshape -> stride-2 upsampling layers -> 3x3 layer + Tanh, in [-1, 1].
+
+    Batch norm follows the FC and every upsampling layer (the poster's "initial seven layers");
+    dropout follows each of those too, but not the output layer, where it would blank pixels
+    the critic sees directly.
+    """
+
+    input_label = "Input noise"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.input_shape = (c.latent_dim, 1, 1)
+        batch_norm = c.generator_norm == "batch"
+
+        def dropout() -> nn.Module | None:
+            return nn.Dropout(c.generator_dropout) if c.generator_dropout > 0 else None
+
+        fc_features = c.generator_widths[0] * c.base_size**2
+        self.fc = Block(
+            "Fully-connected layer", NO_ACTIVATION,
+            linear=nn.Linear(c.latent_dim, fc_features, bias=not batch_norm),
+            norm=nn.BatchNorm1d(fc_features) if batch_norm else None,
+            drop=dropout(),
+        )
+        self.reshape = Block(
+            "Reshape", NO_ACTIVATION, unflatten=nn.Unflatten(1, (c.generator_widths[0], c.base_size, c.base_size))
+        )
+        widths = (*c.generator_widths, c.channels)
+        self.up = nn.ModuleList()
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            if c.upsample == "transposed":
+                label, resize = _conv_label("T. Conv", 4), None
+                conv = nn.ConvTranspose2d(w_in, w_out, 4, stride=2, padding=1, bias=not batch_norm)
+            else:
+                label = f"Upsample × 2 + {_conv_label('Conv', 3)}"
+                resize = nn.Upsample(scale_factor=2, mode=c.resize_mode)
+                conv = nn.Conv2d(w_in, w_out, 3, stride=1, padding=1, bias=not batch_norm)
+            self.up.append(Block(
+                label, "Leaky ReLU",
+                resize=resize,
+                conv=conv,
+                norm=nn.BatchNorm2d(w_out) if batch_norm else None,
+                act=nn.LeakyReLU(c.leaky_slope),
+                drop=dropout(),
+            ))
+        # A stride-1 transposed conv is a conv with a flipped kernel, so the resize variant uses a plain conv.
+        out_conv = (nn.ConvTranspose2d if c.upsample == "transposed" else nn.Conv2d)(c.channels, c.channels, 3, 1, 1)
+        self.out = Block(
+            _conv_label("T. Conv" if c.upsample == "transposed" else "Conv", 3), "Tanh", conv=out_conv, act=nn.Tanh()
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``z`` of shape (B, latent_dim) or (B, latent_dim, 1, 1) -> images (B, channels, S, S) in [-1, 1]."""
+        h = self.reshape(self.fc(z.flatten(1)))
+        for block in self.up:
+            h = block(h)
+        return self.out(h)
+
+
+class Critic(nn.Module):
+    """Table II: image -> stride-2 convs (with 3x3 stride-1 refinements at the end) -> FC -> one
+    unbounded score per image, shape (B,). Instance noise is added to every layer's input in training."""
+
+    input_label = "Input"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.input_shape = (c.channels, c.image_size, c.image_size)
+        has_norm = c.critic_norm != "none"
+        n = len(c.critic_widths)
+        specs: list[tuple[int, int, int, int]] = []  # (in, out, kernel, stride)
+        w_in = c.channels
+        for i, w in enumerate(c.critic_widths):
+            specs.append((w_in, w, 4, 2))
+            if i >= n - c.critic_refine_last:
+                specs.append((w, w, 3, 1))
+            w_in = w
+        self.convs = nn.ModuleList()
+        for i, (w_in, w_out, k, s) in enumerate(specs):
+            if c.critic_sigmoid and i == len(specs) - 1:
+                act, act_name = nn.Sigmoid(), "Sigmoid"
+            else:
+                act, act_name = _activation(c.critic_activation, c.leaky_slope)
+            self.convs.append(Block(
+                _conv_label("Conv", k), act_name,
+                noise=InstanceNoise(c.critic_noise_std),
+                conv=nn.Conv2d(w_in, w_out, k, stride=s, padding=1, bias=not has_norm),
+                norm=_critic_norm(c.critic_norm, w_out),
+                act=act,
+            ))
+        self.fc = Block(
+            "Fully-connected layer", NO_ACTIVATION,
+            noise=InstanceNoise(c.critic_noise_std),
+            flatten=nn.Flatten(),
+            linear=nn.Linear(c.critic_widths[-1] * c.critic_final_size**2, 1),
+        )
+
+    @property
+    def noise_std(self) -> float:
+        """Instance-noise std of every layer; set it to anneal the noise during training."""
+        return self._noises()[0].std
+
+    @noise_std.setter
+    def noise_std(self, std: float) -> None:
+        if std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {std}")
+        for m in self._noises():
+            m.std = float(std)
+
+    def _noises(self) -> list[InstanceNoise]:
+        return [m for m in self.modules() if isinstance(m, InstanceNoise)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, channels, S, S) -> scores (B,)."""
+        for block in self.convs:
+            x = block(x)
+        return self.fc(x).squeeze(1)
+
+
+# --------------------------------------------------------------------------------------------
+# construction and inspection
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """DCGAN initialisation (Radford et al. 2016): conv/linear weights ~ N(0, std), norm scales ~ N(1, std),
+    biases 0. The poster's Chainer lineage uses the same Normal(0.02)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)) and m.weight is not None:
+            nn.init.normal_(m.weight, 1.0, std)
+            nn.init.zeros_(m.bias)
+
+
+def build_models(config: str | ModelConfig = "paper") -> tuple[Generator, Critic]:
+    """Both networks of a preset or config, DCGAN-initialised from torch's global RNG, so the same
+    ``torch.manual_seed`` gives the same weights on every rank."""
+    c = get_config(config)
+    generator, critic = Generator(c), Critic(c)
+    init_weights(generator, c.init_std)
+    init_weights(critic, c.init_std)
+    return generator, critic
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def layer_table(module: nn.Module, input_shape: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """The module as the poster's table: one row for the input and one per :class:`Block`, each
+    ``{"layer", "activation", "output_shape", "parameters"}`` with shapes from a real forward pass
+    (batch of one, eval mode, restored afterwards) so the table cannot drift from the code."""
+    shape = tuple(input_shape if input_shape is not None else module.input_shape)
+    rows: list[dict[str, Any]] = [
+        {"layer": getattr(module, "input_label", "Input"), "activation": NO_ACTIVATION,
+         "output_shape": shape, "parameters": 0}
+    ]
+
+    def record(block: Block, _inputs: Any, output: torch.Tensor) -> None:
+        rows.append({"layer": block.label, "activation": block.activation,
+                     "output_shape": tuple(output.shape[1:]), "parameters": count_parameters(block)})
+
+    hooks = [m.register_forward_hook(record) for m in module.modules() if isinstance(m, Block)]
+    was_training = module.training
+    param = next(module.parameters(), None)
+    kwargs = {"device": param.device, "dtype": param.dtype} if param is not None else {}
+    try:
+        module.eval()
+        module(torch.zeros(1, *shape, **kwargs))
+    finally:
+        module.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return rows
+
+
+def flops_per_image(config: str | ModelConfig = "paper") -> dict[str, int]:
+    """Forward FLOPs (2 x multiply-adds of convs and linears; norms and activations ignored) of one
+    image through each network, for MFU. A training step costs about 3x a forward per pass, and the
+    gradient penalty's double backward more. Counted on the meta device, so nothing is computed."""
+    c = get_config(config)
+    counts: dict[str, int] = {}
+    with torch.device("meta"):
+        nets = {"generator": Generator(c), "critic": Critic(c)}
+    for name, net in nets.items():
+        macs = 0
+
+        def count(m: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            nonlocal macs
+            if isinstance(m, nn.Linear):
+                macs += m.in_features * m.out_features
+            elif isinstance(m, nn.ConvTranspose2d):
+                macs += inputs[0][0].numel() * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+            elif isinstance(m, nn.Conv2d):
+                macs += output[0].numel() * m.in_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups
+
+        hooks = [m.register_forward_hook(count) for m in net.modules()
+                 if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
+        net.eval()
+        with torch.no_grad():
+            net(torch.zeros(1, *net.input_shape, device="meta"))
+        for hook in hooks:
+            hook.remove()
+        counts[name] = 2 * macs
+    return counts
