@@ -115,30 +115,28 @@ def prepare_subject(subject: Subject, config: PreprocessConfig) -> PreparedSubje
         missing = [m for m in config.modalities if m not in subject.files]
         if missing:
             raise InvalidVolume(f"missing modality {', '.join(missing)} (found: {', '.join(sorted(subject.files))})")
-        volumes = []
+        volumes, areas, bounds = [], [], []
         for modality in config.modalities:
             path = subject.files[modality]
             data, affine = load_volume(path)
-            data = reorient_to_ras(data, affine)
-            if volumes and data.shape != volumes[0].shape:
+            area = axial_area(data, affine)
+            check_not_constant(data, area, path.name)
+            bounds.append(brain_percentiles(data, config.percentiles))
+            volumes.append(reorient_to_ras(data, affine))
+            areas.append(area)
+            if volumes[-1].shape != volumes[0].shape:
                 raise InvalidVolume(
-                    f"{path.name}: shape {data.shape} differs from {config.modalities[0]}'s {volumes[0].shape}"
+                    f"{path.name}: shape {volumes[-1].shape} differs from {config.modalities[0]}'s {volumes[0].shape}"
                 )
-            check_not_constant(data, path.name)
-            volumes.append(data)
         tumour_area = None
         if "seg" in subject.files:
             seg, affine = load_volume(subject.files["seg"])
-            seg = reorient_to_ras(seg, affine)
-            if seg.shape != volumes[0].shape:
-                raise InvalidVolume(f"{subject.files['seg'].name}: shape {seg.shape} differs from {volumes[0].shape}")
-            tumour_area = axial_area(seg)
-        brain_area = axial_area(volumes[0])
+            if reorient_to_ras(seg, affine).shape != volumes[0].shape:
+                raise InvalidVolume(f"{subject.files['seg'].name}: shape differs from {volumes[0].shape}")
+            tumour_area = axial_area(seg, affine)
+        brain_area = areas[0]
         window = select_slices(config.slices, brain_area, config.slice_policy, tumour_area, config.slice_range)
-        channels = [
-            axial_images(normalise_brain(vol[:, :, window], *brain_percentiles(vol, config.percentiles)))
-            for vol in volumes
-        ]
+        channels = [normalise_brain(axial_images(vol[:, :, window]), lo, hi) for vol, (lo, hi) in zip(volumes, bounds)]
         images = pad_or_crop(np.stack(channels, axis=1), config.size)
         if tumour_area is None:
             fraction = np.full(config.slices, np.nan, dtype=np.float32)
@@ -167,6 +165,7 @@ def create_store(path: str, config: PreprocessConfig, planned: list[str], overwr
     """Write the empty store: metadata, placeholder coordinates and attributes; returns the run token."""
     import dask.array as da
     import xarray as xr
+    from zarr.codecs import ZstdCodec
 
     if store_exists(path):
         if not overwrite:
@@ -199,7 +198,11 @@ def create_store(path: str, config: PreprocessConfig, planned: list[str], overwr
             "complete": False,
         },
     )
-    encoding = {schema.IMAGE: {"chunks": (1, c, s, s), "shards": (config.slices, c, s, s)}}
+    encoding = {schema.IMAGE: {
+        "chunks": (schema.chunk_samples(config.slices), c, s, s),
+        "shards": (config.slices, c, s, s),
+        "compressors": [ZstdCodec(level=1)],
+    }}
     with schema.quiet_consolidated_warning():
         ds.to_zarr(path, mode="w", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
     log.info("created %s for %d subjects x %d slices", path, len(planned), config.slices)

@@ -8,8 +8,11 @@ The contract (also in the README, "The store"):
 - coordinates along ``sample``: ``subject`` (string), ``slice_index`` (int16, axial index in the
   RAS-reoriented volume), ``tumour_fraction`` (float32: tumour voxels / brain voxels of the slice,
   NaN where the subject had no segmentation); along ``channel``: ``channel`` (modality names).
-- chunks hold one sample (the unit the trainer reads), shards hold one subject's slices (the unit a
-  preprocessing task writes, so no two tasks ever touch the same shard).
+- shards hold one subject's slices (the unit a preprocessing task writes, so no two tasks ever
+  touch the same shard); chunks, the unit of reading, hold 8 samples (the paper's micro-batch; the
+  largest divisor of the slices per subject up to 8). Measured on a 48-slice subject: one-sample
+  chunks cost 2x the write time and 2.5x the time to read a subject back, for 1.1 vs 1.4 ms to read
+  a single sample. Compression: zstd level 1 (level 3 costs 40% more write time for the same size).
 - group attributes: ``format``, ``format_version``, ``tool_version``, ``params`` (every
   preprocessing parameter), ``subjects_planned``, ``skipped`` (``[{"subject", "reason"}]``),
   ``synthetic`` and, written last, ``complete: true``.
@@ -29,6 +32,11 @@ IMAGE = "image"
 DIMS = ("sample", "channel", "y", "x")
 SAMPLE_COORDS = ("subject", "slice_index", "tumour_fraction")
 PROGRESS_GROUP = "progress"
+
+
+def chunk_samples(slices_per_subject: int, most: int = 8) -> int:
+    """Samples per chunk: the largest divisor of a subject's slices up to ``most``, so chunks tile shards."""
+    return max(d for d in range(1, most + 1) if slices_per_subject % d == 0)
 
 
 class StoreError(ValueError):

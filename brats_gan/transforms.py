@@ -7,7 +7,7 @@ reshape or C-order copy of the whole volume costs more than the rest of the work
 
 from __future__ import annotations
 
-import zlib
+import io
 from pathlib import Path
 
 import nibabel as nib
@@ -26,23 +26,33 @@ class InvalidVolume(ValueError):
 
 
 def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Decode a NIfTI file into (data, affine), refusing what is not a usable 3-D MRI volume."""
+    """Decode a NIfTI-1 file into (data, affine), refusing what is not a usable 3-D MRI volume.
+
+    The data is a read-only view on the inflated bytes, laid out by nibabel's header (dtype, offset,
+    Fortran order, scaling): going through ``Nifti1Image.dataobj`` would copy the whole volume once
+    more, which costs two thirds of the inflate itself.
+    """
     path = Path(path)
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = _gzip.decompress(raw)
-        image = nib.Nifti1Image.from_bytes(raw)
-        data = np.asanyarray(image.dataobj)
-    except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as err:
-        raise InvalidVolume(f"{path.name}: unreadable or truncated ({err})") from err
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw), check=True)
+        shape = header.get_data_shape()
+        data = np.frombuffer(raw, dtype=header.get_data_dtype(), count=int(np.prod(shape)),
+                             offset=int(header.get_data_offset())).reshape(shape, order="F")
+        slope, inter = header.get_slope_inter()
+        if slope is not None and (slope != 1 or (inter or 0) != 0):
+            data = data * np.float32(slope) + np.float32(inter or 0)
+    except Exception as err:  # gzip, header and size errors all mean the same to the user
+        raise InvalidVolume(f"{path.name}: unreadable or truncated ({type(err).__name__}: {err})") from err
     if data.ndim != 3:
         raise InvalidVolume(f"{path.name}: expected a 3-D volume, got shape {data.shape}")
-    if data.dtype.kind == "f" and not np.isfinite(data).all():
-        raise InvalidVolume(f"{path.name}: contains non-finite values (NaN or inf)")
     if data.dtype.kind not in "iuf":
         raise InvalidVolume(f"{path.name}: unsupported data type {data.dtype}")
-    return data, image.affine
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise InvalidVolume(f"{path.name}: contains non-finite values (NaN or inf)")
+    return data, header.get_best_affine()
 
 
 def reorient_to_ras(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -55,16 +65,29 @@ def reorient_to_ras(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return nib.orientations.apply_orientation(data, orientation)
 
 
-def check_not_constant(data: np.ndarray, name: str) -> None:
+def axial_area(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Non-zero voxels per axial slice, in RAS inferior->superior order, from the volume as stored.
+
+    Counting along the stored axial axis of the Fortran-ordered array is a free reshape; counting
+    through the reoriented (possibly flipped) view would cost twice as much.
+    """
+    orientation = nib.orientations.io_orientation(affine)
+    axis = int(np.flatnonzero(orientation[:, 0] == 2)[0])
+    moved = np.moveaxis(data, axis, -1)
+    if moved.flags.f_contiguous:
+        counts = np.count_nonzero(moved.reshape(-1, moved.shape[-1], order="F"), axis=0)
+    else:
+        counts = np.count_nonzero(moved, axis=(0, 1))
+    return counts[::-1] if orientation[axis, 1] < 0 else counts
+
+
+def check_not_constant(data: np.ndarray, brain_area: np.ndarray, name: str) -> None:
     """An all-zero or constant volume has no brain to normalise."""
-    lo, hi = data.min(), data.max()
-    if lo == hi:
-        raise InvalidVolume(f"{name}: volume is constant (every voxel = {lo}); no brain to normalise")
-
-
-def axial_area(mask_source: np.ndarray) -> np.ndarray:
-    """Non-zero voxels per axial slice: the brain's cross-section area along z."""
-    return np.count_nonzero(mask_source, axis=(0, 1))
+    brain = int(brain_area.sum())
+    if brain == 0:
+        raise InvalidVolume(f"{name}: volume is empty (every voxel is 0)")
+    if brain == data.size and data.min() == data.max():
+        raise InvalidVolume(f"{name}: volume is constant (every voxel = {data.flat[0]})")
 
 
 def select_slices(
@@ -105,25 +128,56 @@ def select_slices(
     raise ValueError(f"unknown slice policy {policy!r}; choose from {SLICE_POLICIES}")
 
 
-def brain_percentiles(data: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
-    """Robust intensity bounds from the brain (non-zero) voxels of the whole volume."""
-    flat = data.ravel(order="K")  # a view in memory order, whatever the layout
-    brain = flat[flat != 0]
+def brain_percentiles(
+    data: np.ndarray, percentiles: tuple[float, float], stride: int = 4
+) -> tuple[float, float]:
+    """Robust intensity bounds from the brain (non-zero) voxels of the whole volume.
+
+    Estimated from every ``stride``-th voxel (as nnU-Net samples foreground voxels for its intensity
+    statistics): a quarter of a brain is ~400k voxels, which pins the 0.5/99.5 percentiles to a
+    fraction of an intensity step, at a quarter of the cost of the exact partition.
+    """
+    sample = data.reshape(-1, order="A")[::stride]  # memory order: a view for any contiguous layout
+    brain = sample[sample != 0]
+    if brain.size == 0:
+        brain = data[data != 0]
     lo, hi = np.percentile(brain, percentiles)
     if hi <= lo:
         hi = lo + 1.0
     return float(lo), float(hi)
 
 
-def normalise_brain(slab: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Clip the brain to [lo, hi] and scale it to [-1, 1]; background (exactly 0) becomes -1."""
-    out = slab.astype(np.float32)
-    np.clip(out, lo, hi, out=out)
-    out -= lo
-    out *= 2.0 / (hi - lo)
-    out -= 1.0
-    out[slab == 0] = -1.0
-    return out
+def _lut_domain(dtype: np.dtype) -> tuple[np.dtype, np.ndarray] | None:
+    """For 8/16-bit integer volumes: the unsigned view type and the value of each of its codes."""
+    if dtype.kind not in "iu" or dtype.itemsize > 2:
+        return None
+    unsigned = np.dtype(f"u{dtype.itemsize}")
+    return unsigned, np.arange(2 ** (8 * dtype.itemsize), dtype=unsigned).view(dtype)
+
+
+def normalise_brain(images: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Clip the brain to [lo, hi] and scale it to [-1, 1] as float16; background (exactly 0) becomes -1.
+
+    8/16-bit integer volumes (all of BraTS) go through a lookup table: one gather per voxel replaces
+    six float passes, and it yields float16 directly.
+    """
+    domain = _lut_domain(images.dtype)
+    if domain is not None:
+        unsigned, values = domain
+        table = _scale(values.astype(np.float32), lo, hi)
+        table[values == 0] = -1.0
+        return np.take(table.astype(np.float16), images.view(unsigned))
+    out = _scale(images.astype(np.float32), lo, hi)
+    out[images == 0] = -1.0
+    return out.astype(np.float16)
+
+
+def _scale(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    np.clip(values, lo, hi, out=values)
+    values -= lo
+    values *= 2.0 / (hi - lo)
+    values -= 1.0
+    return values
 
 
 def axial_images(slab: np.ndarray) -> np.ndarray:
