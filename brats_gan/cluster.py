@@ -25,6 +25,9 @@ def dask_client(
     import dask
     from distributed import Client, LocalCluster
 
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # it logs every worker start and stop
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+
     if scheduler:
         with Client(scheduler) as client:
             announce(f"Dask scheduler {scheduler}; dashboard: {client.dashboard_link}")
