@@ -48,7 +48,7 @@ def write_store(
     complete: bool = True,
     seed: int = 0,
 ) -> Path:
-    """A store of ``subjects x slices`` samples; chunk = one sample, shard = one subject's slices."""
+    """A store of ``subjects x slices`` samples; shard = one subject's slices, chunks as ``schema`` says."""
     import xarray as xr
 
     rng = np.random.default_rng(seed)
@@ -79,7 +79,8 @@ def write_store(
             "synthetic": True,
         },
     )
-    encoding = {schema.IMAGE: {"chunks": (1, c, size, size), "shards": (slices, c, size, size)}}
+    chunk = schema.chunk_samples(slices)
+    encoding = {schema.IMAGE: {"chunks": (chunk, c, size, size), "shards": (slices, c, size, size)}}
     with schema.quiet_consolidated_warning():
         ds.to_zarr(str(path), mode="w", zarr_format=3, encoding=encoding, consolidated=True)
     if complete:
