@@ -50,7 +50,7 @@ def _subject_in(folder: Path) -> Subject | None:
     files: dict[str, Path] = {}
     for path in folder.iterdir():
         match = _FILE.match(path.name)
-        if match and match.group("subject") == folder.name and path.is_file():
+        if match and match.group("subject") == folder.name and not path.is_dir():
             files.setdefault(canonical_modality(match.group("modality")), path)
     return Subject(folder.name, files) if files else None
 

@@ -128,23 +128,36 @@ def select_slices(
     raise ValueError(f"unknown slice policy {policy!r}; choose from {SLICE_POLICIES}")
 
 
-def brain_percentiles(
-    data: np.ndarray, percentiles: tuple[float, float], stride: int = 4
-) -> tuple[float, float]:
-    """Robust intensity bounds from the brain (non-zero) voxels of the whole volume.
+def brain_percentiles(data: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """Robust intensity bounds from the brain (non-zero) voxels of the whole volume, exactly.
 
-    Estimated from every ``stride``-th voxel (as nnU-Net samples foreground voxels for its intensity
-    statistics): a quarter of a brain is ~400k voxels, which pins the 0.5/99.5 percentiles to a
-    fraction of an intensity step, at a quarter of the cost of the exact partition.
+    Exact (as ``np.percentile``), not sampled: a sample drawn in memory order would change when a volume
+    is stored mirrored, and mirrored storage must give identical slices. 8/16-bit volumes (all of
+    BraTS) use a histogram, twice as fast as partitioning 1.5 M brain voxels.
     """
-    sample = data.reshape(-1, order="A")[::stride]  # memory order: a view for any contiguous layout
-    brain = sample[sample != 0]
-    if brain.size == 0:
-        brain = data[data != 0]
-    lo, hi = np.percentile(brain, percentiles)
+    flat = data.reshape(-1, order="A")  # memory order: a view for any contiguous layout
+    brain = flat[flat != 0]
+    domain = _lut_domain(data.dtype)
+    if domain is None:
+        lo, hi = np.percentile(brain, percentiles)
+    else:
+        lo, hi = _histogram_percentiles(brain, domain, percentiles)
     if hi <= lo:
         hi = lo + 1.0
     return float(lo), float(hi)
+
+
+def _histogram_percentiles(values: np.ndarray, domain, percentiles) -> tuple[float, float]:
+    """np.percentile's linear interpolation, read off the cumulative histogram of integer values."""
+    unsigned, code_values = domain
+    order = np.argsort(code_values, kind="stable")
+    cumulative = np.cumsum(np.bincount(values.view(unsigned), minlength=len(code_values))[order])
+    ranks = np.asarray(percentiles, dtype=np.float64) / 100 * (cumulative[-1] - 1)
+    below, above = np.floor(ranks), np.ceil(ranks)
+    sorted_values = code_values[order].astype(np.float64)
+    v_below = sorted_values[np.searchsorted(cumulative, below, side="right")]
+    v_above = sorted_values[np.searchsorted(cumulative, above, side="right")]
+    return tuple(v_below + (v_above - v_below) * (ranks - below))
 
 
 def _lut_domain(dtype: np.dtype) -> tuple[np.dtype, np.ndarray] | None:

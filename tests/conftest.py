@@ -1,0 +1,48 @@
+"""Shared fixtures: one real Dask LocalCluster per session, small phantom datasets, the real BraTS case."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_CASE = REPO.parent / "shared/data/brats2023-sample"
+
+
+def cli(*args: str) -> list[str]:
+    """The command line of `brats-gan ARGS` run with this interpreter."""
+    return [sys.executable, "-m", "brats_gan", *args]
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def real_case() -> Path:
+    if not REAL_CASE.is_dir():
+        pytest.skip(f"the real BraTS case is not at {REAL_CASE}")
+    return REAL_CASE
+
+
+@pytest.fixture(scope="session")
+def phantoms_2020(tmp_path_factory) -> Path:
+    """Six small subjects in the BraTS 2020 layout, all modalities and a segmentation."""
+    from brats_gan.phantoms import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("brats2020") / "MICCAI_BraTS2020_TrainingData"
+    write_phantom_dataset(root, n_subjects=6, layout="2020", shape=(64, 64, 40), seed=1)
+    return root
+
+
+@pytest.fixture
+def env_unbuffered() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+
+from brats_gan.discover import DiscoveryError, discover_subjects, select_subjects
+from brats_gan.phantoms import write_phantom_dataset
+
+
+@pytest.mark.parametrize("layout, gz, first_id", [
+    ("2020", True, "BraTS20_Training_001"),
+    ("2020", False, "BraTS20_Training_001"),
+    ("2021", True, "BraTS2021_00001"),
+    ("2023", True, "BraTS-GLI-00001-000"),
+])
+def test_every_layout_is_found_with_canonical_modality_names(tmp_path, layout, gz, first_id):
+    write_phantom_dataset(tmp_path, n_subjects=3, layout=layout, shape=(24, 24, 16), gz=gz)
+    subjects = discover_subjects(tmp_path)
+    assert [s.id for s in subjects][0] == first_id
+    assert len(subjects) == 3
+    assert set(subjects[0].files) == {"flair", "t1", "t1ce", "t2", "seg"}
+    assert subjects[0].files["flair"].name.endswith(".nii.gz" if gz else ".nii")
+
+
+def test_dataset_folder_given_one_level_above(tmp_path):
+    write_phantom_dataset(tmp_path / "BraTS2020_TrainingData" / "MICCAI_BraTS2020_TrainingData",
+                          n_subjects=2, layout="2020", shape=(24, 24, 16))
+    assert len(discover_subjects(tmp_path / "BraTS2020_TrainingData")) == 2
+
+
+def test_other_2023_collections_and_real_case(tmp_path, real_case):
+    folder = tmp_path / "BraTS-MEN-00004-000"
+    folder.mkdir()
+    (folder / "BraTS-MEN-00004-000-t2f.nii.gz").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    [men] = discover_subjects(tmp_path)
+    assert men.id == "BraTS-MEN-00004-000" and men.number == 4 and list(men.files) == ["flair"]
+    [real] = discover_subjects(real_case)
+    assert set(real.files) == {"flair", "t1", "t1ce", "t2"}
+
+
+def test_poster_selection_001_to_015(tmp_path):
+    write_phantom_dataset(tmp_path, n_subjects=17, layout="2020", shape=(24, 24, 16), modalities=("flair",),
+                          with_seg=False)
+    chosen = select_subjects(discover_subjects(tmp_path), "001-015")
+    assert [s.number for s in chosen] == list(range(1, 16))
+    assert [s.id for s in select_subjects(discover_subjects(tmp_path), "BraTS20_Training_017,3")] == [
+        "BraTS20_Training_003", "BraTS20_Training_017"]
+
+
+def test_clear_errors_for_empty_folder_and_bad_selection(tmp_path):
+    with pytest.raises(DiscoveryError, match="no BraTS subjects found"):
+        discover_subjects(tmp_path)
+    with pytest.raises(DiscoveryError, match="not a folder"):
+        discover_subjects(tmp_path / "missing")
+    write_phantom_dataset(tmp_path / "d", n_subjects=2, layout="2021", shape=(24, 24, 16))
+    with pytest.raises(DiscoveryError, match="matches none"):
+        select_subjects(discover_subjects(tmp_path / "d"), "500-600")
+    with pytest.raises(DiscoveryError, match="IDs not found"):
+        select_subjects(discover_subjects(tmp_path / "d"), "BraTS2021_99999")
