@@ -226,8 +226,6 @@ def read_markers(path: str) -> dict[str, dict[str, Any]]:
 def open_for_resume(path: str, config: PreprocessConfig, planned: list[str]) -> tuple[str, dict[str, dict]]:
     """Check that an incomplete store was started with these parameters; return its token and markers."""
     attrs = schema.read_summary(path).attrs
-    if attrs.get("complete"):
-        return attrs["run_token"], {}
     stored = attrs.get("params", {})
     wanted = config.params()
     diffs = [f"{k}: store has {stored.get(k)!r}, this run {wanted[k]!r}" for k in wanted if stored.get(k) != wanted[k]]
@@ -239,7 +237,7 @@ def open_for_resume(path: str, config: PreprocessConfig, planned: list[str]) -> 
             f"{path} was started for another set of subjects ({len(before - now)} no longer selected, "
             f"{len(now - before)} new); resume with the same input and --subjects, or --overwrite"
         )
-    return attrs["run_token"], read_markers(path)
+    return attrs["run_token"], {} if attrs.get("complete") else read_markers(path)
 
 
 @functools.lru_cache(maxsize=4)
@@ -397,8 +395,11 @@ def run_preprocess(
         token = create_store(store, config, planned, overwrite)
 
     todo = [s for s in subjects if s.id not in markers]
+    # Verdicts and writes outrank the next subject's preparation: otherwise every worker prepares its
+    # whole queue first and holds all those pixels in memory before writing any of them.
     prepared = {s.id: client.submit(prepare_subject, s, config, pure=False) for s in todo}
-    pending = as_completed([client.submit(verdict, f, pure=False) for f in prepared.values()], with_results=True)
+    pending = as_completed([client.submit(verdict, f, pure=False, priority=1) for f in prepared.values()],
+                           with_results=True)
     planner = SlotPlanner(planned, markers, skip_invalid)
     writing: set[str] = set()
     not_stored = 0
@@ -422,7 +423,8 @@ def run_preprocess(
             assigned, skipped = planner.advance()
             for sid_ok, slot in assigned:
                 writing.add(sid_ok)
-                pending.add(client.submit(write_subject, store, token, prepared[sid_ok], slot, pure=False))
+                pending.add(client.submit(write_subject, store, token, prepared[sid_ok], slot, pure=False,
+                                          priority=2))
             for sid_bad, reason in skipped:
                 mark_skipped(store, sid_bad, reason)
                 report.skipped.append((sid_bad, reason))

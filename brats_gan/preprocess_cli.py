@@ -78,7 +78,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
                                     progress=not args.no_progress)
     except PreprocessError as err:
         raise CommandError(str(err)) from None
-    bad = report.invalid or report.skipped
+    bad = sorted(report.invalid or report.skipped)
     if bad:
         print(f"\n{len(bad)} subject(s) could not be used:", file=sys.stderr)
         for sid, reason in bad:

@@ -120,6 +120,11 @@ def test_tumour_fraction_from_segmentation(tmp_path):
     assert (p.tumour_fraction[inside] > 0.05).all() and (p.tumour_fraction[~inside] == 0).all()
 
 
+def test_constant_volume_is_refused(tmp_path):
+    subject = _save(tmp_path, "S_001", np.full((20, 20, 12), 7, np.int16), np.eye(4))
+    assert "constant (every voxel = 7)" in prepare_subject(subject, PreprocessConfig(slices=4)).error
+
+
 @pytest.mark.parametrize("make, reason", [
     (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "unreadable or truncated"),
     (lambda p: p.write_bytes(b"not a nifti file at all"), "unreadable or truncated"),

@@ -1,0 +1,243 @@
+"""The preprocessing stage end to end: real LocalCluster, real Zarr stores, the CLI as users run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import zarr
+
+from brats_gan.discover import discover_subjects
+from brats_gan.preprocess import PreprocessConfig, run_preprocess
+from tests.conftest import cli
+
+READ_WITHOUT_BRATS_GAN = r"""
+import json, sys, warnings
+warnings.simplefilter("error")
+import numpy as np, xarray as xr, zarr
+ds = xr.open_zarr(sys.argv[1])
+g = zarr.open_group(sys.argv[1], mode="r")
+img = ds.image.values.astype("float32")
+print(json.dumps({
+    "dims": list(ds.image.dims), "shape": list(img.shape), "min": float(img.min()), "max": float(img.max()),
+    "nan": int(np.isnan(img).sum()), "background": float((img == -1).mean()),
+    "subjects": sorted(set(ds.subject.values.tolist())), "slice_index": ds.slice_index.values.tolist(),
+    "channels": ds.channel.values.tolist(), "complete": ds.attrs["complete"],
+    "dtypes": sorted({str(g[k].metadata.data_type) for k in g.array_keys()}),
+    "brats_gan_imported": "brats_gan" in sys.modules,
+}))
+"""
+
+
+def read_without_brats_gan(store: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", READ_WITHOUT_BRATS_GAN, str(store)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def copy_dataset(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def wait_for(predicate, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def markers(store: Path) -> list[str]:
+    return sorted(p.parent.name for p in (store / "progress").glob("*/zarr.json"))
+
+
+def test_real_case_store_is_readable_by_xarray_and_zarr_alone(tmp_path, real_case, dask_client):
+    store = tmp_path / "real.zarr"
+    subjects = discover_subjects(real_case)
+    report = run_preprocess(subjects, store, PreprocessConfig(modalities=("flair", "t1c", "t2")), dask_client,
+                            progress=False)
+    assert report.complete and report.stored == ["BraTS-GLI-00001-000"]
+    seen = read_without_brats_gan(store)
+    assert not seen["brats_gan_imported"]
+    assert seen["dims"] == ["sample", "channel", "y", "x"] and seen["shape"] == [48, 3, 256, 256]
+    assert seen["min"] == -1.0 and seen["max"] == 1.0 and seen["nan"] == 0
+    assert 0.5 < seen["background"] < 0.9
+    assert seen["channels"] == ["flair", "t1ce", "t2"] and seen["complete"] is True
+    assert "VariableLengthUTF8()" in seen["dtypes"] and not any("UTF32" in d for d in seen["dtypes"])
+    # 48 contiguous slices centred on the largest brain cross-section of the real volume
+    vol = np.asanyarray(nib.as_closest_canonical(nib.load(subjects[0].files["flair"])).dataobj)
+    area = (vol != 0).sum(axis=(0, 1))
+    assert seen["slice_index"] == list(range(seen["slice_index"][0], seen["slice_index"][0] + 48))
+    assert abs(np.mean(seen["slice_index"]) - np.argmax(area)) <= 1
+    # the sharding contract: one shard per subject, 8-sample chunks
+    image = zarr.open_group(store, mode="r")["image"]
+    assert image.shards == (48, 3, 256, 256) and image.chunks == (8, 3, 256, 256)
+
+
+def test_bad_inputs_are_named_then_skipped_and_nothing_is_lost(tmp_path, phantoms_2020, dask_client):
+    data = copy_dataset(phantoms_2020, tmp_path / "data")
+    ids = sorted(p.name for p in data.iterdir())
+    flair = lambda sid: data / sid / f"{sid}_flair.nii.gz"  # noqa: E731
+    raw = flair(ids[1]).read_bytes()
+    flair(ids[1]).write_bytes(raw[: len(raw) // 3])  # truncated
+    (data / ids[2] / f"{ids[2]}_t1ce.nii.gz").unlink()  # missing requested modality
+    affine = nib.load(flair(ids[0])).affine
+    nib.save(nib.Nifti1Image(np.zeros((64, 64, 40), np.int16), affine), flair(ids[3]))  # empty
+    t1ce = data / ids[4] / f"{ids[4]}_t1ce.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(nib.load(t1ce).dataobj)[:, :, :32].copy(), affine), t1ce)
+    cases = {ids[1]: "truncated", ids[2]: "missing modality t1ce", ids[3]: "empty", ids[4]: "differs from"}
+    store = tmp_path / "s.zarr"
+    args = ["preprocess", str(data), "--out", str(store), "--modalities", "flair,t1ce", "--slices", "8",
+            "--scheduler", dask_client.scheduler.address, "--no-progress"]
+
+    strict = subprocess.run(cli(*args), capture_output=True, text=True)
+    assert strict.returncode == 1, strict.stderr
+    for sid, reason in cases.items():
+        assert any(sid in line and reason in line for line in strict.stderr.splitlines()), (sid, strict.stderr)
+    assert "NOT complete" in strict.stderr
+    assert zarr.open_group(store, mode="r").attrs["complete"] is False
+
+    skipped = subprocess.run(cli(*args, "--resume", "--skip-invalid"), capture_output=True, text=True)
+    assert skipped.returncode == 0, skipped.stderr
+    attrs = dict(zarr.open_group(store, mode="r").attrs)
+    assert attrs["complete"] is True
+    assert {s["subject"] for s in attrs["skipped"]} == set(cases)
+    seen = read_without_brats_gan(store)
+    assert seen["subjects"] == [ids[0], ids[5]] and seen["shape"] == [16, 2, 256, 256] and seen["nan"] == 0
+
+    info = subprocess.run(cli("info", str(store)), capture_output=True, text=True, check=True).stdout
+    assert "complete: True" in info and "skipped: 4" in info and ids[1] in info
+
+
+def test_existing_store_is_never_overwritten_and_other_parameters_are_refused(tmp_path, phantoms_2020):
+    store = tmp_path / "s.zarr"
+    base = ["preprocess", str(phantoms_2020), "--out", str(store), "--slices", "8", "--workers", "1",
+            "--dashboard-port", "0", "--no-progress"]
+    code = ("import sys\nfrom brats_gan.cli import main\nrc = main(sys.argv[1:])\n"
+            "print('heavy:', sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))\nsys.exit(rc)")
+    first = subprocess.run([sys.executable, "-c", code, *base], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert "heavy: []" in first.stdout, "preprocessing must not import torch or deepspeed"
+    before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+
+    again = subprocess.run(cli(*base), capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
+    other = ["preprocess", str(phantoms_2020), "--out", str(store), "--slices", "4", "--workers", "1", "--resume"]
+    mismatch = subprocess.run(cli(*other), capture_output=True, text=True)
+    assert mismatch.returncode == 2 and "other parameters" in mismatch.stderr and "slices" in mismatch.stderr
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == before
+
+    replaced = subprocess.run(cli(*base, "--overwrite"), capture_output=True, text=True)
+    assert replaced.returncode == 0 and zarr.open_group(store, mode="r").attrs["complete"] is True
+
+
+@pytest.fixture(scope="module")
+def many_real(tmp_path_factory, real_case, dask_client) -> tuple[Path, Path]:
+    """60 subjects whose FLAIR is the real case (symlinks), and a store written from them in one run."""
+    root = tmp_path_factory.mktemp("many") / "data"
+    flair = next(real_case.glob("*/*-t2f.nii.gz"))
+    for i in range(1, 61):
+        sid = f"BraTS-GLI-{i:05d}-000"
+        (root / sid).mkdir(parents=True)
+        (root / sid / f"{sid}-t2f.nii.gz").symlink_to(flair)
+    reference = root.parent / "reference.zarr"
+    run_preprocess(discover_subjects(root), reference, PreprocessConfig(slices=8), dask_client, progress=False)
+    return root, reference
+
+
+def assert_same_store(got: Path, reference: Path) -> None:
+    ref, new = zarr.open_group(reference, mode="r"), zarr.open_group(got, mode="r")
+    assert new.attrs["complete"] is True
+    for name in ("image", "subject", "slice_index", "tumour_fraction", "channel"):
+        np.testing.assert_array_equal(new[name][:], ref[name][:], err_msg=name)
+
+
+def test_kill_9_mid_run_then_resume_equals_a_single_run(tmp_path, many_real, env_unbuffered):
+    data, reference = many_real
+    store = tmp_path / "s.zarr"
+    args = ["preprocess", str(data), "--out", str(store), "--slices", "8", "--workers", "1",
+            "--dashboard-port", "0", "--no-progress"]
+    proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env_unbuffered, start_new_session=True)
+    try:
+        link = ""
+        while "dashboard:" not in link:
+            link = proc.stdout.readline()
+            assert link or proc.poll() is None, "preprocess exited before printing its dashboard link"
+        url = link.split("dashboard:")[1].strip()
+        assert url.startswith("http://127.0.0.1:"), "the dashboard must listen on loopback only"
+        with urllib.request.urlopen(url, timeout=10) as page:
+            assert page.status == 200 and b"Dask" in page.read()
+        wait_for(lambda: len(markers(store)) >= 3, what="three stored subjects")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert zarr.open_group(store, mode="r").attrs["complete"] is False, "the run finished before the kill"
+    done = markers(store)
+    slots = {sid: zarr.open_group(store / "progress" / sid, mode="r").attrs["slot"] for sid in done}
+    shards_before = {p: p.stat().st_mtime_ns for slot in slots.values()
+                     for p in (store / "image" / "c" / str(slot)).rglob("*") if p.is_file()}
+    assert len(shards_before) == len(done)
+
+    resumed = subprocess.run(cli(*args, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(done)} of 60 subjects already done" in resumed.stderr
+    assert {p: p.stat().st_mtime_ns for p in shards_before} == shards_before, "finished subjects were redone"
+    assert_same_store(store, reference)
+    assert not (store / "progress").exists()
+
+
+def test_worker_killed_mid_run_is_retried(tmp_path, many_real, dask_client):
+    data, reference = many_real
+    store = tmp_path / "s.zarr"
+    result: dict = {}
+
+    def run():
+        try:
+            result["report"] = run_preprocess(discover_subjects(data), store, PreprocessConfig(slices=8),
+                                              dask_client, progress=False)
+        except Exception as err:  # surfaced by the assertion below
+            result["error"] = err
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    wait_for(lambda: len(markers(store)) >= 3, what="three stored subjects")
+    worker, pid = next(iter(dask_client.run(os.getpid).items()))
+    os.kill(pid, signal.SIGKILL)
+    runner.join(timeout=180)
+    assert "error" not in result, result.get("error")
+    assert len(markers(store)) == 0 and len(result["report"].stored) == 60 - result["report"].already_done
+    assert_same_store(store, reference)
+    dask_client.wait_for_workers(2, timeout=60)
+
+
+def test_preview_draws_a_contact_sheet(tmp_path, phantoms_2020, dask_client):
+    from PIL import Image
+
+    store = tmp_path / "s.zarr"
+    run_preprocess(discover_subjects(phantoms_2020), store, PreprocessConfig(slices=8, size=64), dask_client,
+                   progress=False)
+    out = tmp_path / "grid.png"
+    done = subprocess.run(cli("preview", str(store), "--out", str(out), "--num", "16"), capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    sheet = np.asarray(Image.open(out))
+    assert sheet.shape == (4 * 64 + 3 * 2, 4 * 64 + 3 * 2)
+    assert sheet.max() > 200 and (sheet == 0).mean() > 0.3, "bright brains on a black background"
+    bad = subprocess.run(cli("preview", str(tmp_path / "nothing.zarr")), capture_output=True, text=True)
+    assert bad.returncode == 2 and "no Zarr store" in bad.stderr
