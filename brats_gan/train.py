@@ -333,8 +333,11 @@ def build_options(args: argparse.Namespace, world_size: int) -> Options:
         saved_path = out / OPTIONS_FILE
         if not saved_path.is_file():
             raise ConfigError(f"--resume: {saved_path} not found; {out} is not a training run")
-        saved = json.loads(saved_path.read_text())
-        sections = {name: dict(saved[name]) for name in ("data", "training", "checkpoint")}
+        try:
+            saved = json.loads(saved_path.read_text())
+            sections = {name: dict(saved[name]) for name in ("data", "training", "checkpoint")}
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"--resume: {saved_path} is not readable training options ({err!r})") from None
         if ("training", "deepspeed_config") in given:
             fresh = load_deepspeed_config(given.pop(("training", "deepspeed_config")),
                                           sections["training"]["preset"], world_size)
@@ -732,7 +735,8 @@ class Trainer:
                     critic.append(torch.stack(self.critic_step(real)))
                 g_loss = self.generator_step(self.stream.batch_size)
                 self.step += 1
-                self.position = Position(position.epoch, position.batch + 1)
+                self.position = (Position(position.epoch, position.batch + 1) if position.batch + 1 < bpe
+                                 else Position(position.epoch + 1, 0))
                 values = torch.cat([torch.stack(critic).float().mean(0), g_loss.float().view(1)])
                 dist.all_reduce(values)
                 c_loss, wasserstein, penalty, g_loss_mean = (values / self.env.world_size).tolist()

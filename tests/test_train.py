@@ -1,0 +1,298 @@
+"""The trainer for real: two CPU ranks under the DeepSpeed launcher, checkpoints that survive ``kill -9``,
+exact resumption, refusals before any rank starts, and the data sharding underneath.
+
+The first DeepSpeed start on a machine builds a shared-memory op (~30 s, cached under
+TORCH_EXTENSIONS_DIR); after that each two-rank launch of a few tiny steps takes ~10 s.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from store_factory import sample_id, store_factory  # noqa: F401  (store_factory is a fixture)
+
+from brats_gan import schema
+from brats_gan.cli import main as cli_main
+from brats_gan.data import Position, SliceStream, iterate_batches
+from brats_gan.train import DEFAULT_DEEPSPEED, load_deepspeed_config, read_latest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--seed", "0", "--checkpoint-every", "3"]
+LAUNCH_TIMEOUT = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(*args: str | Path, ranks: int = 2) -> list[str]:
+    """``deepspeed --num_gpus N --master_port P --module brats_gan.train ARGS`` (a free port: other
+    suites may be running launchers on this machine too)."""
+    exe = shutil.which("deepspeed")
+    base = [exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return [*base, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "--module", "brats_gan.train",
+            *map(str, args)]
+
+
+def launch(*args: str | Path, ranks: int = 2) -> subprocess.CompletedProcess:
+    proc = subprocess.run(launcher(*args, ranks=ranks), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+                          cwd=REPO)
+    proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
+    return proc
+
+
+def metric_steps(run: Path) -> list[int]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f)]
+
+
+def model_states(run: Path, step: int) -> dict[str, dict]:
+    folder = run / "checkpoints" / str(step)
+    return {tag: torch.load(folder / tag / "mp_rank_00_model_states.pt", weights_only=True)
+            for tag in ("generator", "critic")}
+
+
+@pytest.fixture(scope="module")
+def store(store_factory) -> Path:  # noqa: F811
+    """48 samples: with tiny.json's micro-batch of 4, six micro-batches per rank per epoch on two ranks."""
+    return store_factory(subjects=4, slices=12)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    proc = launch("--store", store, "--out", run, "--steps", "12", *TINY)
+    assert proc.returncode == 0, proc.output
+    return run
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def test_ranks_share_each_epoch_without_overlap_or_duplicates(store_factory) -> None:  # noqa: F811
+    store = store_factory(subjects=5, slices=12)  # 60 samples: remainders for every world size below
+    for world, batch in itertools.product((1, 2, 3, 4), (2, 4, 8)):
+        streams = [SliceStream(str(store), batch_size=batch, image_size=64, rank=r, world_size=world, seed=7)
+                   for r in range(world)]
+        per_rank = 60 // (world * batch) * batch
+        for epoch in range(3):
+            shares = [s.rank_share(epoch) for s in streams]
+            assert all(share.shape == (per_rank // batch, batch) for share in shares)
+            together = np.concatenate([share.ravel() for share in shares])
+            assert len(np.unique(together)) == len(together) == world * per_rank
+        assert not np.array_equal(streams[0].rank_share(0), streams[0].rank_share(1)), "no reshuffle per epoch"
+
+
+def test_loader_delivers_the_planned_samples_from_any_position(store_factory) -> None:  # noqa: F811
+    store = store_factory(subjects=5, slices=12)
+    stream = SliceStream(str(store), batch_size=4, image_size=256, rank=1, world_size=2, seed=3, cache="stream")
+    rng_before = torch.get_rng_state()
+    delivered = list(itertools.islice(iterate_batches(stream, num_workers=2), 20))
+    assert torch.equal(rng_before, torch.get_rng_state()), "the loader must not draw from the global RNG"
+    assert stream.__getstate__()["_array"] is None, "workers open the store themselves"
+    pickle.dumps(stream)
+    for position, batch in delivered:
+        assert batch.shape == (4, 3, 256, 256) and batch.dtype == torch.float32
+        ids = [sample_id(v) for v in batch[:, 0, 0, 0]]
+        assert ids == stream.rank_share(position.epoch)[position.batch].tolist()
+    assert delivered[7][0] == Position(1, 0), "7 micro-batches per rank per epoch"
+    restarted = list(itertools.islice(iterate_batches(stream, delivered[9][0]), 11))
+    for (pa, a), (pb, b) in zip(delivered[9:], restarted):
+        assert pa == pb and torch.equal(a, b)
+
+
+def test_channels_downsampling_and_cache_agree(store_factory) -> None:  # noqa: F811
+    store = store_factory(subjects=2, slices=8, channels=("flair", "t1", "t2"))
+    kwargs = dict(batch_size=4, image_size=64, seed=1)
+    three = SliceStream(str(store), **kwargs)
+    assert three.channels == ("flair", "t1", "t2") and three.cached
+    one = SliceStream(str(store), channels=["t1"], cache="stream", **kwargs)
+    cached = SliceStream(str(store), channels=["t1"], cache="memory", **kwargs)
+    a, b = one[(0, 0)], cached[(0, 0)]
+    assert a.shape == (16, 3, 64, 64) and torch.equal(a, b)
+    assert torch.equal(a[:, 0], a[:, 2]), "one channel is repeated to three"
+    assert a.min() >= -1 and a.max() <= 1
+    with pytest.raises(schema.StoreError, match="one or three"):
+        SliceStream(str(store), channels=["flair", "t1"], **kwargs)
+    with pytest.raises(schema.StoreError, match="too few"):
+        SliceStream(str(store), batch_size=8, image_size=64, world_size=3)
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+
+def test_deepspeed_configs_hold_the_papers_recipe_and_validate() -> None:
+    for name in ("paper", "paper_bf16", "paper_fp16", "tiny"):
+        load_deepspeed_config(str(REPO / "deepspeed_configs" / f"{name}.json"), "paper", world_size=2)
+    for name in ("paper", "tiny"):
+        on_disk = json.loads((REPO / "deepspeed_configs" / f"{name}.json").read_text())
+        assert {k: v for k, v in on_disk.items() if not k.startswith("_")} == DEFAULT_DEEPSPEED[name]
+    paper = DEFAULT_DEEPSPEED["paper"]
+    params = paper["optimizer"]["params"]
+    assert paper["train_micro_batch_size_per_gpu"] == 8 and paper["optimizer"]["type"] == "Adam"
+    assert (params["lr"], tuple(params["betas"]), params["weight_decay"]) == (2e-4, (0.5, 0.999), 1e-3)
+    assert params["torch_adam"] and params["adam_w_mode"] is False, "L2 weight decay (Chainer's hook), not AdamW"
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+def _refused(capsys: pytest.CaptureFixture, argv: list[str], message: str) -> None:
+    assert cli_main(["train", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_input_is_refused_before_any_work(store: Path, store_factory, uninterrupted: Path,  # noqa: F811
+                                              tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--preset", "tiny", "--steps", "2"]
+    incomplete = store_factory(subjects=2, slices=4, complete=False)
+    _refused(capsys, ["--store", str(incomplete), *common], "not marked complete")
+    small = store_factory(subjects=1, slices=3)
+    _refused(capsys, ["--store", str(small), *common], "3 samples are too few for one micro-batch of 4")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "optimiser": {"type": "Adam"}}))
+    _refused(capsys, ["--store", str(store), *common, "--deepspeed-config", str(bad)],
+             "unknown field 'optimiser' (did you mean 'optimizer'?)")
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4,
+                               "optimizer": {"type": "Adam", "params": {"weight_decy": 0.1}}}))
+    _refused(capsys, ["--store", str(store), *common, "--deepspeed-config", str(bad)], "weight_decy")
+    _refused(capsys, ["--store", str(store), *common, "--n-critic", "0"], "--n-critic (training.n_critic)")
+    _refused(capsys, ["--out", str(out), "--resume"], "not a training run")
+    assert not out.exists(), "nothing may be written for a refused run"
+    out.mkdir()
+    shutil.copy(uninterrupted / "training_options.json", out)  # a run killed before its first checkpoint
+    _refused(capsys, ["--store", str(store), *common], "already exists")
+    _refused(capsys, ["--out", str(out), "--resume"], "names no complete checkpoint")
+    _refused(capsys, ["--out", str(uninterrupted), "--resume", "--seed", "1"], "--seed 1 differs from the run's 0")
+    assert sorted(p.name for p in out.iterdir()) == ["training_options.json"]
+
+
+@pytest.mark.slow
+def test_two_ranks_refuse_an_existing_run_and_leave_it_alone(store: Path, uninterrupted: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in uninterrupted.rglob("*")}
+    proc = launch("--store", store, "--out", uninterrupted, "--steps", "12", *TINY)
+    assert proc.returncode != 0
+    assert "already exists; pass --resume" in proc.output
+    assert {p: p.stat().st_mtime_ns for p in uninterrupted.rglob("*")} == before
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+@pytest.mark.slow
+def test_two_ranks_train_checkpoint_and_watch(uninterrupted: Path) -> None:
+    run = uninterrupted
+    assert read_latest(run) == 12
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [9, 12]
+    folder = run / "checkpoints" / "12"
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 12
+    # 12 steps x 5 critic micro-batches = 60 micro-batches at 6 per epoch: the start of epoch 10
+    assert (state["epoch"], state["batch"]) == (10, 0)
+    for rank in (0, 1):
+        rng = torch.load(folder / f"rng_rank{rank}.pt", weights_only=True)
+        assert {"torch", "numpy", "python"} <= rng.keys()
+    assert not torch.equal(torch.load(folder / "rng_rank0.pt", weights_only=True)["torch"],
+                           torch.load(folder / "rng_rank1.pt", weights_only=True)["torch"])
+    states = model_states(run, 12)
+    assert states["generator"]["global_steps"] == 12 and states["critic"]["global_steps"] == 60
+    group = states["critic"]["optimizer"]["param_groups"][0]
+    assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (2e-4, (0.5, 0.999), 1e-3)
+    assert not group.get("decoupled_weight_decay", False)
+    assert metric_steps(run) == list(range(1, 13))
+    with open(run / "metrics.csv", newline="") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert all(np.isfinite(float(last[k])) for k in ("critic_loss", "generator_loss", "wasserstein"))
+    assert float(last["images_per_s"]) > 0
+    assert [p.name for p in sorted((run / "samples").iterdir())] == [f"step_{s:07d}.png" for s in (3, 6, 9, 12)]
+    assert any((run / "tensorboard").iterdir())
+    options = json.loads((run / "training_options.json").read_text())
+    assert options["world_size"] == 2 and options["training"]["preset"] == "tiny"
+
+
+@pytest.mark.slow
+def test_kill_9_keeps_a_loadable_latest_and_resuming_matches_the_uninterrupted_run(
+        store: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    run = tmp_path / "killed"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(launcher("--store", store, "--out", run, "--steps", "1000", *TINY),
+                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        try:
+            deadline = time.monotonic() + LAUNCH_TIMEOUT
+            while read_latest(run) is None:
+                assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+                assert time.monotonic() < deadline, "no checkpoint in time"
+                time.sleep(0.02)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-step or mid-save
+            proc.wait()
+    step = read_latest(run)
+    assert step is not None and step % 3 == 0
+    if step >= 12:
+        pytest.skip(f"the killed run was already at step {step} when the kill landed")
+    folder = run / "checkpoints" / str(step)
+    model_states(run, step)
+    for rank in (0, 1):
+        torch.load(folder / f"rng_rank{rank}.pt", weights_only=True)
+
+    proc = launch("--out", run, "--resume", "--steps", "12")
+    assert proc.returncode == 0, proc.output
+    assert f"resumed from step {step}" in proc.output
+    assert metric_steps(run) == list(range(1, 13)), "the log continues where the checkpoint was taken"
+    resumed, reference = model_states(run, 12), model_states(uninterrupted, 12)
+    for tag in ("generator", "critic"):
+        assert resumed[tag]["module"].keys() == reference[tag]["module"].keys()
+        for name, tensor in reference[tag]["module"].items():
+            torch.testing.assert_close(resumed[tag]["module"][name], tensor, rtol=0, atol=1e-6, msg=f"{tag}.{name}")
+
+
+@pytest.mark.slow
+def test_a_finished_run_resumes_and_continues_counting(store: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    run = tmp_path / "continued"
+    shutil.copytree(uninterrupted, run)
+    proc = launch("--out", run, "--resume", "--steps", "14")
+    assert proc.returncode == 0, proc.output
+    assert "resumed from step 12" in proc.output
+    assert metric_steps(run) == list(range(1, 15))
+    assert read_latest(run) == 14
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+        store_factory, tmp_path: Path) -> None:  # noqa: F811
+    import zarr
+
+    store = store_factory(subjects=4, slices=12, seed=5)
+    poisoned = tmp_path / "poisoned.zarr"
+    shutil.copytree(store, poisoned)
+    plan = SliceStream(str(poisoned), batch_size=4, image_size=64, seed=0)
+    order = plan.rank_share(0).ravel()  # one rank: epoch 0 feeds steps 1-2 and part of 3 (5 batches/step)
+    sample = int(order[11 * 4])  # first sample of the 12th micro-batch: step 3's second critic batch
+    image = zarr.open_group(str(poisoned), mode="r+")["image"]
+    image[sample, 0, 100, 100] = np.nan
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "brats_gan.train", "--store", str(poisoned), "--out", str(run),
+                           "--preset", "tiny", "--steps", "6", "--checkpoint-every", "1"],
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=REPO)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "non-finite loss at step 3" in proc.stderr and "still names step 2" in proc.stderr
+    assert read_latest(run) == 2
+    states = model_states(run, 2)
+    assert all(torch.isfinite(t).all() for t in states["generator"]["module"].values())
