@@ -703,60 +703,77 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def fit(self) -> None:
+        """Steps until ``--steps``: train, log, and every K steps checkpoint and draw samples."""
         import torch
-        import torch.distributed as dist
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        from brats_gan.data import Position, iterate_batches
+        from brats_gan.data import iterate_batches
 
         if self.step >= self.t.steps:
             log.info("run is at step %d, --steps is %d: nothing to do", self.step, self.t.steps)
             return
         batches = iterate_batches(self.stream, self.position, num_workers=self.num_workers,
                                   pin_memory=self.device != "cpu")
-        bpe = self.stream.batches_per_epoch
-        global_batch = self.stream.batch_size * self.env.world_size
         sample_every = self.c.every if self.c.sample_every is None else self.c.sample_every
         log.info("training %s from step %d to %d on %d rank(s): micro-batch %d, %d micro-batches per rank "
                  "per epoch, %s data, %d loader worker(s), %d thread(s) per rank", self.t.preset, self.step,
-                 self.t.steps, self.env.world_size, self.stream.batch_size, bpe,
+                 self.t.steps, self.env.world_size, self.stream.batch_size, self.stream.batches_per_epoch,
                  "cached" if self.stream.cached else "streamed", 0 if self.stream.cached else self.num_workers,
                  torch.get_num_threads())
         bar = tqdm(total=self.t.steps, initial=self.step, disable=not self.is_main, unit="step",
-                   dynamic_ncols=True, file=sys.stderr)
+                   dynamic_ncols=True, file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30)
         redirect = logging_redirect_tqdm() if self.is_main else contextlib.nullcontext()
-        with bar, redirect:
-            while self.step < self.t.steps:
-                start = time.perf_counter()
-                critic = []
-                for _ in range(self.t.n_critic):
-                    position, real = next(batches)
-                    critic.append(torch.stack(self.critic_step(real)))
-                g_loss = self.generator_step(self.stream.batch_size)
-                self.step += 1
-                self.position = (Position(position.epoch, position.batch + 1) if position.batch + 1 < bpe
-                                 else Position(position.epoch + 1, 0))
-                values = torch.cat([torch.stack(critic).float().mean(0), g_loss.float().view(1)])
-                dist.all_reduce(values)
-                c_loss, wasserstein, penalty, g_loss_mean = (values / self.env.world_size).tolist()
-                step_s = time.perf_counter() - start
-                row = {"step": self.step, "epoch": round(self.position.epoch + self.position.batch / bpe, 4),
-                       "critic_loss": c_loss, "generator_loss": g_loss_mean, "wasserstein": wasserstein,
-                       "gradient_penalty": penalty, "step_s": round(step_s, 5),
-                       "images_per_s": round(global_batch * self.t.n_critic / step_s, 2), "time": round(time.time(), 3)}
-                if not all(math.isfinite(v) for v in (c_loss, wasserstein, penalty, g_loss_mean)):
-                    raise TrainingDiverged(self._diverged_message(row))
-                if self.metrics:
-                    self.metrics.write(row)
-                bar.update(1)
-                bar.set_postfix(W=f"{wasserstein:.3f}", img_s=f"{row['images_per_s']:.0f}", refresh=False)
-                if self.step % self.c.every == 0 or self.step == self.t.steps:
-                    self.save()
-                if sample_every and (self.step % sample_every == 0 or self.step == self.t.steps):
-                    self.sample_grid()
-        if self.metrics:
-            self.metrics.close()
+        try:
+            with bar, redirect:
+                while self.step < self.t.steps:
+                    row = self.train_step(batches)
+                    if self.metrics:
+                        self.metrics.write(row)
+                    bar.update(1)
+                    bar.set_postfix(W=f"{row['wasserstein']:.3f}", img_s=f"{row['images_per_s']:.0f}", refresh=False)
+                    if self.step % self.c.every == 0 or self.step == self.t.steps:
+                        self.save()
+                    if sample_every and (self.step % sample_every == 0 or self.step == self.t.steps):
+                        self.sample_grid()
+        finally:
+            batches.close()
+            if self.metrics:
+                self.metrics.close()
+
+    def train_step(self, batches: Iterator[Any]) -> dict[str, Any]:
+        """``n_critic`` critic steps and one generator step; the metrics row, averaged over ranks.
+
+        The rank average is one all-reduce per step, which also makes every rank see the same
+        non-finite value and stop at the same step.
+        """
+        import torch
+        import torch.distributed as dist
+
+        from brats_gan.data import Position
+
+        start = time.perf_counter()
+        critic = []
+        for _ in range(self.t.n_critic):
+            position, real = next(batches)
+            critic.append(torch.stack(self.critic_step(real)))
+        g_loss = self.generator_step(self.stream.batch_size)
+        self.step += 1
+        bpe = self.stream.batches_per_epoch
+        self.position = (Position(position.epoch, position.batch + 1) if position.batch + 1 < bpe
+                         else Position(position.epoch + 1, 0))
+        values = torch.cat([torch.stack(critic).float().mean(0), g_loss.float().view(1)])
+        dist.all_reduce(values)
+        c_loss, wasserstein, penalty, g_loss = (values / self.env.world_size).tolist()
+        step_s = time.perf_counter() - start
+        real_images = self.stream.batch_size * self.env.world_size * self.t.n_critic
+        row = {"step": self.step, "epoch": round(self.position.epoch + self.position.batch / bpe, 4),
+               "critic_loss": c_loss, "generator_loss": g_loss, "wasserstein": wasserstein,
+               "gradient_penalty": penalty, "step_s": round(step_s, 5),
+               "images_per_s": round(real_images / step_s, 2), "time": round(time.time(), 3)}
+        if not all(math.isfinite(v) for v in (c_loss, wasserstein, penalty, g_loss)):
+            raise TrainingDiverged(self._diverged_message(row))
+        return row
 
     def _diverged_message(self, row: dict[str, Any]) -> str:
         latest = read_latest(self.run_dir)
@@ -846,7 +863,12 @@ class Trainer:
 
 
 class MetricsLog:
-    """``RUN/metrics.csv`` and TensorBoard (``RUN/tensorboard``), rank 0 only.
+    """``RUN/metrics.csv`` and TensorBoard (``RUN/tensorboard``), rank 0 only, one row per step.
+
+    ``critic_loss``, ``wasserstein`` (the critic's estimate ``D(real) - D(fake)``) and
+    ``gradient_penalty`` are means over the step's ``n_critic`` critic updates; every value is the
+    mean over ranks. ``images_per_s`` counts the real images all ranks' critics consumed per second
+    of the step (``micro-batch x ranks x n_critic / step_s``).
 
     On resume both drop what a killed run wrote after the checkpoint it resumes from, so the logs
     read as one uninterrupted run.
@@ -912,12 +934,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--store: {err}") from None
 
     device = init_distributed(env)
-    trainer = Trainer(options, env, device, stream, resume_step)
     try:
+        trainer = Trainer(options, env, device, stream, resume_step)
         trainer.fit()
     except TrainingDiverged as err:
         log.error("%s", err)
         return EXIT_DIVERGED
+    finally:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     log.info("done: %s at step %d", options.checkpoint.out, trainer.step)
     return 0
 

@@ -290,7 +290,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "brats_gan.train", "--store", str(poisoned), "--out", str(run),
                            "--preset", "tiny", "--steps", "6", "--checkpoint-every", "1"],
-                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=REPO)
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # 2 threads stall when other jobs share the cores
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "non-finite loss at step 3" in proc.stderr and "still names step 2" in proc.stderr
     assert read_latest(run) == 2
