@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from brats_gan import __version__, schema
-from brats_gan.discover import MODALITIES, Subject, canonical_modality
+from brats_gan.discover import Subject, canonical_modality
 from brats_gan.transforms import (
     SLICE_POLICIES,
     InvalidVolume,

@@ -87,8 +87,11 @@ def run_preprocess(args: argparse.Namespace) -> int:
         print(f"\n{args.out} is NOT complete. Fix or remove these subjects and re-run with --resume, "
               "or re-run with --resume --skip-invalid to store the rest without them.", file=sys.stderr)
         return 1
-    print(f"{args.out}: complete, {len(report.stored) + report.already_done - len(report.skipped)} "
-          f"subjects stored this run or before, {len(report.skipped)} skipped, {report.seconds:.1f} s")
+    from brats_gan.schema import read_summary
+
+    summary = read_summary(args.out)
+    print(f"{args.out}: complete, {summary.n_subjects} subjects x {config.slices} slices "
+          f"({len(report.stored)} this run), {len(summary.attrs.get('skipped', []))} skipped, {report.seconds:.1f} s")
     return 0
 
 
