@@ -46,9 +46,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from brats_gan import schema
 from brats_gan.cli import CommandError
+from brats_gan.data import Position, SliceStream, default_num_workers, iterate_batches
+from brats_gan.models import build_models, get_config
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +255,6 @@ def validate(options: Options) -> None:
     for key, ok, must in checks:
         if not ok:
             raise _bad(key, getattr(getattr(options, key[0]), key[1]), must)
-    from brats_gan.models import get_config
 
     try:
         get_config(t.preset)
@@ -318,7 +323,7 @@ def load_deepspeed_config(path: str | None, preset: str, world_size: int) -> dic
     probe = {k: v for k, v in config.items() if k != "train_batch_size"}
     try:
         DeepSpeedConfig(copy.deepcopy(probe))
-    except Exception as err:  # pydantic and assertion errors name the field
+    except Exception as err:  # noqa: BLE001  (pydantic and assertion errors; both name the field)
         raise ConfigError(f"{where}: {' '.join(str(err).split())}") from None
     return config
 
@@ -437,7 +442,6 @@ def init_distributed(env: DistEnv) -> str:
     without mpi4py), so a single process describes itself as rank 0 of 1 on a free local port.
     """
     import deepspeed
-    import torch
     from deepspeed.accelerator import get_accelerator
 
     if "OMP_NUM_THREADS" not in os.environ:
@@ -480,7 +484,7 @@ def configure_logging(env: DistEnv, verbose: bool) -> None:
 
 
 @contextlib.contextmanager
-def frozen(module: Any) -> Iterator[None]:
+def frozen(module: torch.nn.Module) -> Iterator[None]:
     """No parameter gradients for ``module`` inside (the critic during the generator step)."""
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:
@@ -494,8 +498,6 @@ def frozen(module: Any) -> Iterator[None]:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG this process draws from, in types ``torch.load(weights_only=True)`` accepts."""
-    import torch
-
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -510,8 +512,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import torch
-
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
@@ -524,15 +524,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def seed_rank(seed: int, rank: int) -> None:
     """Different noise, dropout and penalty interpolates on each rank, reproducibly."""
-    import torch
-
     rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
     torch.manual_seed(rank_seed)
     np.random.seed(rank_seed)
     random.seed(rank_seed)
 
 
-def image_grid(images: Any, path: str | Path, columns: int | None = None) -> None:
+def image_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> None:
     """Save images ``(N, C, H, W)`` in [-1, 1] as one PNG mosaic (2-pixel black gutters)."""
     from PIL import Image
 
@@ -570,8 +568,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def _weights_only_checkpoint_engine(engine: Any) -> None:
     """DeepSpeed's torch checkpoint engine loads with ``weights_only=False`` (arbitrary pickles); its
     checkpoints of these models hold only tensors and plain containers, so load them the safe way."""
-    import torch
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+        TorchCheckpointEngine,
+    )
 
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         return
@@ -596,12 +595,8 @@ class Trainer:
     generator step (else their gradients would leak into the next critic step).
     """
 
-    def __init__(self, options: Options, env: DistEnv, device: str, stream: Any, resume_step: int | None) -> None:
-        import torch
-
-        from brats_gan.data import Position, default_num_workers
-        from brats_gan.models import build_models, get_config
-
+    def __init__(self, options: Options, env: DistEnv, device: str, stream: SliceStream,
+                 resume_step: int | None) -> None:
         self.options, self.env, self.device, self.stream = options, env, device, stream
         self.t, self.c = options.training, options.checkpoint
         self.run_dir = Path(self.c.out)
@@ -648,21 +643,15 @@ class Trainer:
         return engine
 
     def _barrier(self) -> None:
-        import torch.distributed as dist
-
         dist.barrier()
 
     # ---------------------------------------------------------------- the phases of one step
 
-    def noise(self, n: int) -> Any:
-        import torch
-
+    def noise(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.model_config.latent_dim, device=self.device, dtype=self.dtype)
 
-    def critic_step(self, real: Any) -> tuple[Any, Any, Any]:
+    def critic_step(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One critic update on a real micro-batch; returns (loss, Wasserstein estimate, penalty)."""
-        import torch
-
         real = real.to(self.device, self.dtype, non_blocking=True)
         with torch.no_grad():
             fake = self.generator.module(self.noise(real.shape[0]))
@@ -681,17 +670,15 @@ class Trainer:
                     p.clamp_(-self.t.clip_value, self.t.clip_value)
         return loss.detach(), (real_score - fake_score).detach(), penalty.detach()
 
-    def gradient_penalty(self, real: Any, fake: Any) -> Any:
+    def gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """``E[(|grad_x D(x_hat)| - 1)^2]`` at random interpolates, differentiable (double backward)."""
-        import torch
-
         eps = torch.rand(real.shape[0], 1, 1, 1, device=self.device, dtype=self.dtype)
         x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
         score = self.critic.module(x_hat)
         (grad,) = torch.autograd.grad(score.float().sum(), x_hat, create_graph=True)
         return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
-    def generator_step(self, batch_size: int) -> Any:
+    def generator_step(self, batch_size: int) -> torch.Tensor:
         """One generator update against the frozen critic; returns its loss."""
         with frozen(self.critic.module):
             fake = self.generator(self.noise(batch_size))
@@ -704,12 +691,6 @@ class Trainer:
 
     def fit(self) -> None:
         """Steps until ``--steps``: train, log, and every K steps checkpoint and draw samples."""
-        import torch
-        from tqdm import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        from brats_gan.data import iterate_batches
-
         if self.step >= self.t.steps:
             log.info("run is at step %d, --steps is %d: nothing to do", self.step, self.t.steps)
             return
@@ -741,17 +722,12 @@ class Trainer:
             if self.metrics:
                 self.metrics.close()
 
-    def train_step(self, batches: Iterator[Any]) -> dict[str, Any]:
+    def train_step(self, batches: Iterator[tuple[Position, torch.Tensor]]) -> dict[str, Any]:
         """``n_critic`` critic steps and one generator step; the metrics row, averaged over ranks.
 
         The rank average is one all-reduce per step, which also makes every rank see the same
         non-finite value and stop at the same step.
         """
-        import torch
-        import torch.distributed as dist
-
-        from brats_gan.data import Position
-
         start = time.perf_counter()
         critic = []
         for _ in range(self.t.n_critic):
@@ -789,8 +765,6 @@ class Trainer:
     def save(self) -> None:
         """``RUN/checkpoints/<step>/{generator,critic}/`` (DeepSpeed), ``rng_rank<r>.pt`` and
         ``trainer_state.json``; then, after a barrier proves every rank finished, ``latest``."""
-        import torch
-
         folder = self.run_dir / CHECKPOINTS / str(self.step)
         if self.is_main and folder.exists():
             shutil.rmtree(folder)
@@ -820,10 +794,6 @@ class Trainer:
                 shutil.rmtree(root / str(step), ignore_errors=True)
 
     def load(self, step: int) -> None:
-        import torch
-
-        from brats_gan.data import Position
-
         folder = self.run_dir / CHECKPOINTS / str(step)
         for engine, tag in ((self.generator, "generator"), (self.critic, "critic")):
             path, _ = engine.load_checkpoint(str(folder), tag=tag)
@@ -847,8 +817,6 @@ class Trainer:
     def sample_grid(self) -> None:
         """The generator (eval mode) on the fixed noise batch -> ``RUN/samples/step_<step>.png`` (rank 0).
         Runs under a forked RNG so that drawing samples never changes the training's random stream."""
-        import torch
-
         if not self.is_main:
             return
         module = self.generator.module
@@ -882,7 +850,7 @@ class MetricsLog:
         if path.exists():
             with open(path, newline="") as f:
                 kept = [row for row in csv.DictReader(f) if int(row["step"]) <= start_step]
-        self.file = open(path, "w", newline="", buffering=1)
+        self.file = open(path, "w", newline="", buffering=1)  # noqa: SIM115  (open for the whole run)
         self.csv = csv.DictWriter(self.file, fieldnames=METRICS)
         self.csv.writeheader()
         self.csv.writerows(kept)
@@ -903,7 +871,6 @@ class MetricsLog:
 
 def _versions() -> dict[str, str]:
     import deepspeed
-    import torch
 
     from brats_gan import __version__
 
@@ -915,9 +882,6 @@ def _versions() -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     """Validate everything on every rank, then join the process group and train."""
-    from brats_gan.data import SliceStream
-    from brats_gan.models import get_config
-
     env = DistEnv.from_environ(getattr(args, "local_rank", None))
     configure_logging(env, bool(getattr(args, "verbose", False)))
     options = build_options(args, env.world_size)
@@ -941,8 +905,6 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", err)
         return EXIT_DIVERGED
     finally:
-        import torch.distributed as dist
-
         dist.destroy_process_group()
     log.info("done: %s at step %d", options.checkpoint.out, trainer.step)
     return 0

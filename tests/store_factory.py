@@ -23,7 +23,7 @@ ID_SCALE = 1 / 1024  # float16 represents k / 1024 exactly for k < 2048
 
 def sample_id(pixel: float) -> int:
     """The id a sample was written with, from its stored pixel (0, 0, 0) (store resolution)."""
-    return int(round((float(pixel) + 1.0) / ID_SCALE))
+    return round((float(pixel) + 1.0) / ID_SCALE)
 
 
 def _phantom(rng: np.random.Generator, size: int) -> np.ndarray:

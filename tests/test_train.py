@@ -51,8 +51,8 @@ def launcher(*args: str | Path, ranks: int = 2) -> list[str]:
 
 
 def launch(*args: str | Path, ranks: int = 2) -> subprocess.CompletedProcess:
-    proc = subprocess.run(launcher(*args, ranks=ranks), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
-                          cwd=REPO)
+    proc = subprocess.run(launcher(*args, ranks=ranks), check=False, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT, cwd=REPO)
     proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
     return proc
 
@@ -119,7 +119,7 @@ def test_loader_delivers_the_planned_samples_from_any_position(store_factory) ->
 
 def test_channels_downsampling_and_cache_agree(store_factory) -> None:  # noqa: F811
     store = store_factory(subjects=2, slices=8, channels=("flair", "t1", "t2"))
-    kwargs = dict(batch_size=4, image_size=64, seed=1)
+    kwargs = {"batch_size": 4, "image_size": 64, "seed": 1}
     three = SliceStream(str(store), **kwargs)
     assert three.channels == ("flair", "t1", "t2") and three.cached
     one = SliceStream(str(store), channels=["t1"], cache="stream", **kwargs)
@@ -290,7 +290,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "brats_gan.train", "--store", str(poisoned), "--out", str(run),
                            "--preset", "tiny", "--steps", "6", "--checkpoint-every", "1"],
-                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=REPO,
+                          check=False, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # 2 threads stall when other jobs share the cores
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "non-finite loss at step 3" in proc.stderr and "still names step 2" in proc.stderr
