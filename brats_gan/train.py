@@ -53,7 +53,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from brats_gan import schema
 from brats_gan.cli import CommandError
-from brats_gan.data import Position, SliceStream, default_num_workers, iterate_batches
+from brats_gan.data import (
+    DEFAULT_RUN_LENGTH,
+    DEFAULT_WINDOW_BATCHES,
+    Position,
+    SliceStream,
+    default_num_workers,
+    iterate_batches,
+)
 from brats_gan.models import build_models, get_config
 
 log = logging.getLogger(__name__)
@@ -111,8 +118,8 @@ class DataConfig:
     channels: tuple[str, ...] | None = None
     cache: str = "auto"
     num_workers: int | None = None  # None: data.default_num_workers(local world size)
-    run_length: int = 8
-    window_batches: int = 8
+    run_length: int = DEFAULT_RUN_LENGTH
+    window_batches: int = DEFAULT_WINDOW_BATCHES
 
 
 @dataclass(frozen=True)
