@@ -170,6 +170,7 @@ class SliceStream(Dataset):
         self._array: Any = None
         self._memory: np.ndarray | None = None
         self._pid: int | None = None
+        self._share: tuple[int, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ the plan
 
@@ -204,8 +205,10 @@ class SliceStream(Dataset):
         return share.reshape(self.batches_per_epoch, self.batch_size)
 
     def window_indices(self, epoch: int, window: int) -> np.ndarray:
-        share = self.rank_share(epoch)
-        return share[window * self.window_batches : (window + 1) * self.window_batches].reshape(-1)
+        """The samples of one window, in delivery order (the epoch's share is planned once per process)."""
+        if self._share is None or self._share[0] != epoch:
+            self._share = (epoch, self.rank_share(epoch))
+        return self._share[1][window * self.window_batches : (window + 1) * self.window_batches].reshape(-1)
 
     # ------------------------------------------------------------------ reading
 
