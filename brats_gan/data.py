@@ -240,30 +240,37 @@ class SliceStream(Dataset):
         return rows[:, list(self.channel_index)]
 
     def read(self, indices: np.ndarray) -> np.ndarray:
-        """Stored rows (float16, selected channels) for ``indices``, in that order, read as contiguous runs."""
+        """Stored rows (float16, selected channels) for ``indices``, in that order, read as contiguous
+        runs; each run is copied once, straight to its places in the output."""
         source = self._source()
         order = np.argsort(indices, kind="stable")
         ordered = indices[order]
-        breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
-        pieces = [source[int(run[0]) : int(run[-1]) + 1] for run in np.split(ordered, breaks)]
-        rows = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
-        if self._memory is None:
-            rows = self._select(rows)
-        out = np.empty_like(rows)
-        out[order] = rows
+        runs = np.split(ordered, np.flatnonzero(np.diff(ordered) != 1) + 1)
+        out: np.ndarray | None = None
+        done = 0
+        for run in runs:
+            rows = source[int(run[0]) : int(run[-1]) + 1]
+            if self._memory is None:
+                rows = self._select(rows)
+            if out is None:
+                out = np.empty((len(indices), *rows.shape[1:]), dtype=rows.dtype)
+            out[order[done : done + len(run)]] = rows
+            done += len(run)
         return out
 
     def transform(self, rows: np.ndarray) -> torch.Tensor:
-        """float16 rows at store size -> float32 3-channel tensors at model size (area downsampling)."""
-        x = torch.from_numpy(np.ascontiguousarray(rows)).float()
+        """float16 rows at store size -> float32 3-channel tensors at model size (area downsampling).
+
+        A single stored channel becomes three as an ``expand`` view: the copy happens where the
+        batch lands (on the device), not three times over in the loader and its worker pipes.
+        """
+        x = torch.from_numpy(rows).float()
         if self.image_size != self.store_size:
             if self.store_size % self.image_size == 0:
                 x = F.avg_pool2d(x, self.store_size // self.image_size)
             else:
                 x = F.interpolate(x, size=(self.image_size, self.image_size), mode="area")
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return x.contiguous()
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
     def __len__(self) -> int:
         return self.windows_per_epoch
