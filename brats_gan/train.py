@@ -700,6 +700,8 @@ class Trainer:
         """Steps until ``--steps``: train, log, and every K steps checkpoint and draw samples."""
         if self.step >= self.t.steps:
             log.info("run is at step %d, --steps is %d: nothing to do", self.step, self.t.steps)
+            if self.metrics:
+                self.metrics.close()
             return
         batches = iterate_batches(self.stream, self.position, num_workers=self.num_workers,
                                   pin_memory=self.device != "cpu")
