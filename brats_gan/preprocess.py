@@ -223,8 +223,10 @@ def read_markers(path: str) -> dict[str, dict[str, Any]]:
     return {name: dict(child.attrs) for name, child in group[schema.PROGRESS_GROUP].groups()}
 
 
-def open_for_resume(path: str, config: PreprocessConfig, planned: list[str]) -> tuple[str, dict[str, dict]]:
-    """Check that an incomplete store was started with these parameters; return its token and markers."""
+def open_for_resume(
+    path: str, config: PreprocessConfig, planned: list[str]
+) -> tuple[str, dict[str, dict], bool]:
+    """Check that a store was started with these parameters; return its token, markers and completeness."""
     attrs = schema.read_summary(path).attrs
     stored = attrs.get("params", {})
     wanted = config.params()
@@ -237,7 +239,8 @@ def open_for_resume(path: str, config: PreprocessConfig, planned: list[str]) -> 
             f"{path} was started for another set of subjects ({len(before - now)} no longer selected, "
             f"{len(now - before)} new); resume with the same input and --subjects, or --overwrite"
         )
-    return attrs["run_token"], {} if attrs.get("complete") else read_markers(path)
+    complete = bool(attrs.get("complete"))
+    return attrs["run_token"], {} if complete else read_markers(path), complete
 
 
 @functools.lru_cache(maxsize=4)
@@ -382,8 +385,8 @@ def run_preprocess(
     report = PreprocessReport(store)
     markers: dict[str, dict] = {}
     if resume and store_exists(store):
-        token, markers = open_for_resume(store, config, planned)
-        if schema.read_summary(store).complete:
+        token, markers, complete = open_for_resume(store, config, planned)
+        if complete:
             log.info("%s is already complete; nothing to do", store)
             report.complete, report.already_done = True, len(planned)
             return report
