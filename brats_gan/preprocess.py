@@ -33,6 +33,7 @@ from brats_gan.transforms import (
     InvalidVolume,
     axial_area,
     axial_images,
+    brain_mask,
     brain_percentiles,
     check_not_constant,
     load_volume,
@@ -119,9 +120,11 @@ def prepare_subject(subject: Subject, config: PreprocessConfig) -> PreparedSubje
         for modality in config.modalities:
             path = subject.files[modality]
             data, affine = load_volume(path)
-            area = axial_area(data, affine)
+            brain = brain_mask(data)
+            area = axial_area(brain, affine)
             check_not_constant(data, area, path.name)
-            bounds.append(brain_percentiles(data, config.percentiles))
+            bounds.append(brain_percentiles(data, config.percentiles, brain))
+            del brain
             volumes.append(reorient_to_ras(data, affine))
             areas.append(area)
             if volumes[-1].shape != volumes[0].shape:
@@ -247,7 +250,10 @@ def open_for_resume(
 def _worker_arrays(path: str, token: str):
     """Open once per worker and run: re-reading metadata for every subject would cost more than its write."""
     group = _open_group(path)
-    return group[schema.IMAGE], group.require_group(schema.PROGRESS_GROUP)
+    # Every shard is written whole, so zarr's check of each chunk against the fill value (to skip
+    # empty ones) only costs time: ~6 ms of a 15 ms shard write.
+    image = group[schema.IMAGE].with_config({"write_empty_chunks": True})
+    return image, group.require_group(schema.PROGRESS_GROUP)
 
 
 def write_subject(path: str, token: str, prepared: PreparedSubject, slot: int) -> tuple[str, str]:
