@@ -137,3 +137,16 @@ def test_unusable_files_are_refused_by_reason(tmp_path, make, reason):
     make(path)
     with pytest.raises(InvalidVolume, match=reason):
         load_volume(path)
+
+
+def test_gzip_of_several_members_reads_like_one(tmp_path):
+    """Some tools write .nii.gz as several gzip members (bgzip, concatenation): the same volume must come out."""
+    import gzip
+
+    subject = _save(tmp_path, "S_001", _blob(), np.eye(4))
+    path = subject.files["flair"]
+    plain = gzip.decompress(path.read_bytes())
+    half = len(plain) // 2
+    path.write_bytes(gzip.compress(plain[:half]) + gzip.compress(plain[half:]))
+    data, _ = load_volume(path)
+    np.testing.assert_array_equal(data, _blob())
