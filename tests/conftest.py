@@ -1,4 +1,5 @@
-"""Shared fixtures: one real Dask LocalCluster per session, small phantom datasets, the real BraTS case."""
+"""Shared fixtures: one real Dask LocalCluster per session, small phantom datasets, the real BraTS case,
+and one two-rank training run that several test modules compare their runs with."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from store_factory import store_factory  # noqa: F401  (a fixture the ones below use)
+from training_runs import TINY, UNINTERRUPTED_STEPS, launch
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_CASE = REPO.parent / "shared/data/brats2023-sample"
@@ -46,3 +49,19 @@ def phantoms_2020(tmp_path_factory) -> Path:
 @pytest.fixture
 def env_unbuffered() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def store(store_factory) -> Path:  # noqa: F811
+    """48 samples: with tiny.json's micro-batch of 4, six micro-batches per rank per epoch on two ranks."""
+    return store_factory(subjects=4, slices=12)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two ranks on one node, 12 tiny steps, a checkpoint every 3: the reference the killed-and-resumed
+    run (test_train.py) and the two-node run (test_multinode.py) must reproduce. Read-only."""
+    run = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    proc = launch("--store", store, "--out", run, "--steps", str(UNINTERRUPTED_STEPS), *TINY)
+    assert proc.returncode == 0, proc.output
+    return run

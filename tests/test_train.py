@@ -14,7 +14,6 @@ import os
 import pickle
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,63 +23,20 @@ import numpy as np
 import pytest
 import torch
 from store_factory import sample_id, store_factory  # noqa: F401  (store_factory is a fixture)
+from training_runs import (
+    LAUNCH_TIMEOUT,
+    REPO,
+    TINY,
+    launch,
+    launcher,
+    metric_steps,
+    model_states,
+)
 
 from brats_gan import schema
 from brats_gan.cli import main as cli_main
 from brats_gan.data import Position, SliceStream, iterate_batches
 from brats_gan.train import DEFAULT_DEEPSPEED, load_deepspeed_config, read_latest
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "tiny", "--seed", "0", "--checkpoint-every", "3"]
-LAUNCH_TIMEOUT = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launcher(*args: str | Path, ranks: int = 2) -> list[str]:
-    """``deepspeed --num_gpus N --master_port P --module brats_gan.train ARGS`` (a free port: other
-    suites may be running launchers on this machine too)."""
-    exe = shutil.which("deepspeed")
-    base = [exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    return [*base, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "--module", "brats_gan.train",
-            *map(str, args)]
-
-
-def launch(*args: str | Path, ranks: int = 2) -> subprocess.CompletedProcess:
-    proc = subprocess.run(launcher(*args, ranks=ranks), check=False, capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT, cwd=REPO)
-    proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
-    return proc
-
-
-def metric_steps(run: Path) -> list[int]:
-    with open(run / "metrics.csv", newline="") as f:
-        return [int(row["step"]) for row in csv.DictReader(f)]
-
-
-def model_states(run: Path, step: int) -> dict[str, dict]:
-    folder = run / "checkpoints" / str(step)
-    return {tag: torch.load(folder / tag / "mp_rank_00_model_states.pt", weights_only=True)
-            for tag in ("generator", "critic")}
-
-
-@pytest.fixture(scope="module")
-def store(store_factory) -> Path:  # noqa: F811
-    """48 samples: with tiny.json's micro-batch of 4, six micro-batches per rank per epoch on two ranks."""
-    return store_factory(subjects=4, slices=12)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    proc = launch("--store", store, "--out", run, "--steps", "12", *TINY)
-    assert proc.returncode == 0, proc.output
-    return run
-
 
 # ------------------------------------------------------------------------------------------ data
 

@@ -1,0 +1,57 @@
+"""Launching real training runs from tests: the DeepSpeed command lines and what a finished run holds.
+
+Shared by ``test_train.py`` (two ranks on one node) and ``test_multinode.py`` (two "nodes" on this
+machine), which compare their runs with the same reference run (``uninterrupted`` in conftest.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--seed", "0", "--checkpoint-every", "3"]
+UNINTERRUPTED_STEPS = 12
+LAUNCH_TIMEOUT = 300
+
+
+def free_port() -> int:
+    """A port free now: other suites may be running launchers on this machine too."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_command() -> list[str]:
+    exe = shutil.which("deepspeed")
+    return [exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def launcher(*args: str | Path, ranks: int = 2) -> list[str]:
+    """``deepspeed --num_gpus N --master_port P --module brats_gan.train ARGS`` on a free port."""
+    return [*deepspeed_command(), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+            "--module", "brats_gan.train", *map(str, args)]
+
+
+def launch(*args: str | Path, ranks: int = 2) -> subprocess.CompletedProcess:
+    proc = subprocess.run(launcher(*args, ranks=ranks), check=False, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT, cwd=REPO)
+    proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
+    return proc
+
+
+def metric_steps(run: Path) -> list[int]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f)]
+
+
+def model_states(run: Path, step: int) -> dict[str, dict]:
+    import torch  # here, not at the top: conftest.py imports this module for every test session
+
+    folder = run / "checkpoints" / str(step)
+    return {tag: torch.load(folder / tag / "mp_rank_00_model_states.pt", weights_only=True)
+            for tag in ("generator", "critic")}
