@@ -23,6 +23,7 @@ import logging
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,12 +163,52 @@ def store_exists(path: str) -> bool:
     return (Path(path) / "zarr.json").exists() or (Path(path).exists() and any(Path(path).iterdir()))
 
 
-def create_store(path: str, config: PreprocessConfig, planned: list[str], overwrite: bool) -> str:
-    """Write the empty store: metadata, placeholder coordinates and attributes; returns the run token."""
+def write_skeleton(
+    path: str,
+    *,
+    channels: Sequence[str],
+    size: int,
+    shard: int,
+    attrs: dict[str, Any],
+    subject: np.ndarray,
+    slice_index: np.ndarray | None = None,
+    tumour_fraction: np.ndarray | None = None,
+) -> None:
+    """A store of the schema with its coordinates and attributes but no pixels written yet.
+
+    ``image`` gets shards of ``shard`` samples (the unit its writer fills), chunks of up to 8 of them
+    and zstd level 1; coordinates default to the placeholders ``-1`` and NaN. `preprocess` (shard =
+    one subject) and `generate` both start here, so real and synthetic stores are laid out alike.
+    """
     import dask.array as da
     import xarray as xr
     from zarr.codecs import ZstdCodec
 
+    n, c = len(subject), len(channels)
+    image = da.zeros((n, c, size, size), dtype=np.float16, chunks=(shard, c, size, size))
+    ds = xr.Dataset(
+        {schema.IMAGE: (schema.DIMS, image)},
+        coords={
+            "subject": ("sample", np.asarray(subject, dtype=object)),
+            "slice_index": ("sample", np.full(n, -1, dtype=np.int16) if slice_index is None
+                            else np.asarray(slice_index, dtype=np.int16)),
+            "tumour_fraction": ("sample", np.full(n, np.nan, dtype=np.float32) if tumour_fraction is None
+                                else np.asarray(tumour_fraction, dtype=np.float32)),
+            "channel": ("channel", np.array(list(channels), dtype=object)),
+        },
+        attrs=attrs,
+    )
+    encoding = {schema.IMAGE: {
+        "chunks": (schema.chunk_samples(shard), c, size, size),
+        "shards": (shard, c, size, size),
+        "compressors": [ZstdCodec(level=1)],
+    }}
+    with schema.quiet_consolidated_warning():
+        ds.to_zarr(path, mode="w", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
+
+
+def create_store(path: str, config: PreprocessConfig, planned: list[str], overwrite: bool) -> str:
+    """Write the empty store: metadata, placeholder coordinates and attributes; returns the run token."""
     if store_exists(path):
         if not overwrite:
             raise PreprocessError(
@@ -175,22 +216,18 @@ def create_store(path: str, config: PreprocessConfig, planned: list[str], overwr
             )
         shutil.rmtree(path)
     n = len(planned) * config.slices
-    c, s = len(config.modalities), config.size
-    image = da.zeros((n, c, s, s), dtype=np.float16, chunks=(config.slices, c, s, s))
     token = uuid.uuid4().hex
-    ds = xr.Dataset(
-        {schema.IMAGE: (schema.DIMS, image)},
-        coords={
-            "subject": ("sample", np.full(n, "", dtype=object)),
-            "slice_index": ("sample", np.full(n, -1, dtype=np.int16)),
-            "tumour_fraction": ("sample", np.full(n, np.nan, dtype=np.float32)),
-            "channel": ("channel", np.array(config.modalities, dtype=object)),
-        },
+    write_skeleton(
+        path,
+        channels=config.modalities,
+        size=config.size,
+        shard=config.slices,
+        subject=np.full(n, "", dtype=object),
         attrs={
             "format": schema.FORMAT,
             "format_version": schema.FORMAT_VERSION,
             "tool_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": now_utc(),
             "run_token": token,
             "params": config.params(),
             "subjects_planned": list(planned),
@@ -199,15 +236,13 @@ def create_store(path: str, config: PreprocessConfig, planned: list[str], overwr
             "complete": False,
         },
     )
-    encoding = {schema.IMAGE: {
-        "chunks": (schema.chunk_samples(config.slices), c, s, s),
-        "shards": (config.slices, c, s, s),
-        "compressors": [ZstdCodec(level=1)],
-    }}
-    with schema.quiet_consolidated_warning():
-        ds.to_zarr(path, mode="w", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
     log.info("created %s for %d subjects x %d slices", path, len(planned), config.slices)
     return token
+
+
+def now_utc() -> str:
+    """The ``created`` attribute: UTC, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _open_group(path: str, mode: str = "r+"):
@@ -293,8 +328,6 @@ def mark_skipped(path: str, subject: str, reason: str) -> None:
 
 def finalize_store(path: str, config: PreprocessConfig, planned: list[str]) -> schema.StoreSummary:
     """Trim to the stored subjects, write coordinates, drop markers, consolidate, then mark complete."""
-    import zarr
-
     markers = read_markers(path)
     stored = sorted((m["slot"], sid) for sid, m in markers.items() if m["status"] == "stored")
     if [slot for slot, _ in stored] != list(range(len(stored))):
@@ -318,11 +351,18 @@ def finalize_store(path: str, config: PreprocessConfig, planned: list[str]) -> s
                for sid in planned if markers.get(sid, {}).get("status") == "skipped"]
     group.attrs.update({"skipped": skipped, "n_subjects": len(ids)})
     del group[schema.PROGRESS_GROUP]
+    seal_store(path)
+    return schema.read_summary(path)
+
+
+def seal_store(path: str) -> None:
+    """Consolidate the metadata, then set ``complete: true``: last, so that a store marked complete
+    is one whose every array and attribute was written."""
+    import zarr
+
     with schema.quiet_consolidated_warning():
         zarr.consolidate_metadata(path)
-    group = zarr.open_group(path, mode="r+")
-    group.attrs["complete"] = True
-    return schema.read_summary(path)
+    zarr.open_group(path, mode="r+").attrs["complete"] = True
 
 
 # ---------------------------------------------------------------- the run

@@ -1,23 +1,44 @@
 import subprocess
 
 import xarray as xr
+from PIL import Image
 
 from tests.conftest import cli
 
 
-def test_demo_writes_phantoms_store_and_preview_and_replaces_only_its_own_folder(tmp_path):
+def test_demo_runs_every_stage_and_replaces_only_its_own_folder(tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--subjects", "2", "--slices", "8", "--workers", "1", "--dashboard-port", "0"]
-    first = subprocess.run(cli(*args), capture_output=True, text=True)
+    args = ["demo", "--out", str(out), "--subjects", "2", "--slices", "8", "--workers", "1", "--dashboard-port", "0",
+            "--steps", "2"]
+    first = subprocess.run(cli(*args), check=False, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
-    ds = xr.open_zarr(out / "store.zarr")
-    assert ds.attrs["complete"] and ds.sizes["sample"] == 16 and len(set(ds.subject.values)) == 2
+    real = xr.open_zarr(out / "store.zarr")
+    assert real.attrs["complete"] and real.sizes["sample"] == 16 and len(set(real.subject.values)) == 2
     assert (out / "preview.png").stat().st_size > 1000 and "brats-gan info" in first.stdout
-    again = subprocess.run(cli(*args), capture_output=True, text=True)
+
+    run = out / "run"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "2"
+    assert len((run / "metrics.csv").read_text().splitlines()) == 1 + 2
+    assert (run / "samples" / "step_0000002.png").is_file()
+
+    synthetic = xr.open_zarr(out / "synthetic.zarr")
+    assert synthetic.attrs["synthetic"] is True and synthetic.attrs["complete"] is True
+    assert synthetic.attrs["checkpoint"]["step"] == 2 and synthetic.attrs["checkpoint"]["preset"] == "tiny"
+    assert dict(synthetic.sizes) == {"sample": 64, "channel": 1, "y": 64, "x": 64}
+    assert synthetic.channel.values.tolist() == real.channel.values.tolist() == ["flair"]
+    assert {k: (v.dims, v.dtype) for k, v in synthetic.coords.items()} == \
+           {k: (v.dims, v.dtype) for k, v in real.coords.items()}
+    assert synthetic.image.dtype == real.image.dtype and synthetic.image.dims == real.image.dims
+    with Image.open(out / "synthetic.png") as grid:
+        assert grid.size == (8 * 66 - 2, 8 * 66 - 2)  # 64 tiles of 64 px, 2-pixel gaps
+    for where in (out / "store.zarr", run, out / "synthetic.zarr", out / "synthetic.png"):
+        assert str(where) in first.stdout
+
+    again = subprocess.run(cli(*args), check=False, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     other = tmp_path / "precious"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    refused = subprocess.run(cli("demo", "--out", str(other)), capture_output=True, text=True)
+    refused = subprocess.run(cli("demo", "--out", str(other)), check=False, capture_output=True, text=True)
     assert refused.returncode == 2 and "not a demo folder" in refused.stderr
     assert (other / "keep.txt").read_text() == "mine"

@@ -1,0 +1,340 @@
+"""`brats-gan generate`: synthetic slices from a training run's generator, in the slice store's schema.
+
+A synthetic store is a slice store like the one `preprocess` writes (same variable, coordinates,
+dtypes, value range, chunking and attributes), so that downstream projects read real and synthetic
+slices with one reader and tell them apart by the ``synthetic`` attribute alone.
+
+What it decides, and why:
+
+- **Weights**: the generator's DeepSpeed ``mp_rank_00_model_states.pt`` holds a plain state dict
+  under ``"module"``; it is read with ``torch.load(weights_only=True)`` into a
+  :class:`~brats_gan.models.Generator` rebuilt from the run's saved ``ModelConfig``. DeepSpeed is
+  never imported, so generating needs neither a process group nor DeepSpeed's start-up.
+- **Channels**: the generator always draws 3 channels. A run trained on one stored modality
+  repeated to 3 (the poster's way) gets that one modality back as the mean of the 3 outputs; a run
+  trained on 3 modalities keeps them, named as in the training store. So a synthetic store has the
+  channels of the real one it imitates.
+- **Noise**: image ``i`` comes from shard ``i // 64``'s standard normal draw, seeded with
+  ``SeedSequence([seed, shard])``; the images of a seed are the same whatever ``--num`` and
+  ``--batch-size``, and a larger ``--num`` extends a smaller one.
+- **Coordinates**: every image is its own "subject" (``synthetic-step<N>-seed<S>-<i>``, unique
+  across checkpoints and seeds, so a subject-wise split never puts one image on both sides);
+  ``slice_index`` is -1 and ``tumour_fraction`` NaN: neither exists for a generated image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from brats_gan.cli import CommandError
+
+if TYPE_CHECKING:
+    import torch
+
+    from brats_gan.models import Generator, ModelConfig
+
+log = logging.getLogger(__name__)
+
+SHARD = 64  # samples per shard: the unit one write fills (8 chunks of 8)
+GRID_MAX = 100  # images drawn in --grid: the first ones of the store
+DEFAULT_BATCH = 32
+# DeepSpeed's file for model-parallel rank 0: without ZeRO partitioning, the whole generator.
+WEIGHTS_FILE = "mp_rank_00_model_states.pt"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One complete checkpoint of a run, and what rebuilding its generator needs."""
+
+    run: Path
+    step: int
+    preset: str
+    model: ModelConfig
+    channels: tuple[str, ...]
+    training_store: str | None
+
+    @property
+    def weights(self) -> Path:
+        return weights_path(self.run, self.step)
+
+
+def weights_path(run: Path, step: int) -> Path:
+    from brats_gan.train import CHECKPOINTS
+
+    return run / CHECKPOINTS / str(step) / "generator" / WEIGHTS_FILE
+
+
+@dataclass
+class GenerateReport:
+    out: Path
+    checkpoint: Checkpoint
+    num: int
+    seed: int
+    grid: Path | None = None
+    seconds: float = 0.0
+    shape: tuple[int, ...] = field(default_factory=tuple)
+
+
+# ---------------------------------------------------------------- the checkpoint
+
+
+def complete_steps(run: Path) -> list[int]:
+    """Steps of the run's complete checkpoints (those holding ``trainer_state.json``), ascending."""
+    from brats_gan.train import CHECKPOINTS, TRAINER_STATE
+
+    root = run / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir()
+                  if p.name.isdigit() and (p / TRAINER_STATE).is_file())
+
+
+def find_checkpoint(run: str | Path, step: int | None = None,
+                    channels: Sequence[str] | None = None) -> Checkpoint:
+    """The checkpoint to generate from (``step``, or the one ``checkpoints/latest`` names), or a
+    CommandError naming what is missing."""
+    from brats_gan.models import ModelConfig
+    from brats_gan.train import CHECKPOINTS, LATEST, OPTIONS_FILE, read_latest
+
+    run = Path(run)
+    options_path = run / OPTIONS_FILE
+    if not options_path.is_file():
+        raise CommandError(f"--checkpoint {run}: no {OPTIONS_FILE}; not a training run folder")
+    try:
+        options = json.loads(options_path.read_text())
+        model = ModelConfig(**options["model"])
+        preset = str(options["training"]["preset"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CommandError(f"--checkpoint {run}: {options_path.name} is not readable training options ({err})") from None
+    if step is None:
+        step = read_latest(run)
+        if step is None:
+            raise CommandError(f"--checkpoint {run}: {run / CHECKPOINTS / LATEST} names no complete checkpoint "
+                               "(the run stopped before its first one)")
+    elif step not in (available := complete_steps(run)):
+        listed = ", ".join(map(str, available)) or "none"
+        raise CommandError(f"--step {step}: {run} has no complete checkpoint at step {step} (complete: {listed})")
+    weights = weights_path(run, step)
+    if not weights.is_file():
+        raise CommandError(f"--checkpoint {run}: {weights} is missing")
+    data = options.get("data", {})
+    return Checkpoint(run, step, preset, model, training_channels(data, model.channels, channels), data.get("store"))
+
+
+def training_channels(data: dict[str, Any], generated: int, override: Sequence[str] | None) -> tuple[str, ...]:
+    """The names of the channels the run was trained on: ``--channels``, else the run's own
+    ``--channels``, else the training store's (only its metadata is read)."""
+    from brats_gan import data as data_module
+    from brats_gan import schema
+
+    if override:
+        names = tuple(override)
+    elif data.get("channels"):
+        names = tuple(data["channels"])
+    else:
+        store = data.get("store")
+        try:
+            summary = schema.read_summary(str(store))
+            names = tuple(summary.channels[i] for i in data_module.resolve_channels(summary.channels, None))
+        except schema.StoreError as err:
+            raise CommandError(f"cannot tell which modalities the run was trained on: its training store is not "
+                               f"readable ({err}); name them with --channels (one, or {generated})") from None
+    if len(names) not in (1, generated):
+        raise CommandError(f"--channels: give one modality or {generated} (the generator's channels), "
+                           f"got {len(names)}: {', '.join(names)}")
+    return names
+
+
+def load_generator(checkpoint: Checkpoint, device: str = "cpu") -> Generator:
+    """The checkpoint's generator in eval mode (batch norm on its running statistics, no dropout)."""
+    import pickle
+
+    import torch
+
+    from brats_gan.models import Generator
+
+    try:
+        saved = torch.load(checkpoint.weights, map_location="cpu", weights_only=True)
+        state = saved["module"]
+    except (RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as err:
+        raise CommandError(f"cannot load the generator from {checkpoint.weights} ({err})") from None
+    generator = Generator(checkpoint.model)
+    try:
+        generator.load_state_dict(state)
+    except RuntimeError as err:
+        raise CommandError(f"{checkpoint.weights} does not fit the run's model config "
+                           f"({' '.join(str(err).split())[:300]})") from None
+    return generator.to(device).eval()
+
+
+# ---------------------------------------------------------------- the images
+
+
+def shard_noise(seed: int, shard: int, latent_dim: int) -> torch.Tensor:
+    """The latent vectors of shard ``shard`` (``SHARD`` of them): a pure function of (seed, shard)."""
+    import torch
+
+    shard_seed = int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
+    return torch.randn(SHARD, latent_dim, generator=torch.Generator().manual_seed(shard_seed))
+
+
+def synthesise(generator: Generator, checkpoint: Checkpoint, num: int, seed: int, batch_size: int,
+               device: str = "cpu") -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, images)`` per shard: float16 ``(n, channels, S, S)`` in [-1, 1] as stored."""
+    import torch
+
+    reduce = len(checkpoint.channels) != checkpoint.model.channels
+    with torch.inference_mode():
+        for shard, start in enumerate(range(0, num, SHARD)):
+            noise = shard_noise(seed, shard, checkpoint.model.latent_dim)[: min(SHARD, num - start)]
+            parts = []
+            for z in noise.split(batch_size):
+                out = generator(z.to(device)).float()
+                parts.append((out.mean(1, keepdim=True) if reduce else out).clamp_(-1, 1).cpu())
+            yield start, torch.cat(parts).numpy().astype(np.float16)
+
+
+def synthetic_ids(checkpoint: Checkpoint, seed: int, num: int) -> np.ndarray:
+    return np.array([f"synthetic-step{checkpoint.step}-seed{seed}-{i:06d}" for i in range(num)], dtype=object)
+
+
+# ---------------------------------------------------------------- the store
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an existing ``out`` unless ``--overwrite``, and even then anything but a synthetic store:
+    a real store costs a preprocessing run, and a folder of something else is not ours to delete."""
+    from brats_gan import schema
+
+    if not out.exists():
+        return
+    if not overwrite:
+        raise CommandError(f"--out {out} already exists; pass --overwrite to replace it")
+    try:
+        synthetic = schema.read_summary(str(out)).attrs.get("synthetic") is True
+    except schema.StoreError:
+        synthetic = False
+    if not synthetic:
+        raise CommandError(f"--out {out} exists and is not a synthetic slice store; --overwrite only replaces "
+                           "what `brats-gan generate` wrote")
+
+
+def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step: int | None = None,
+             batch_size: int = DEFAULT_BATCH, grid: str | Path | None = None, overwrite: bool = False,
+             channels: Sequence[str] | None = None, progress: bool = True) -> GenerateReport:
+    """Write ``num`` images of a run's checkpoint to the store ``out`` (and ``grid``); every refusal
+    comes before anything is written."""
+    import time
+
+    import torch
+    import zarr
+    from tqdm import tqdm
+
+    from brats_gan import __version__, schema
+    from brats_gan.preprocess import now_utc, seal_store, write_skeleton
+    from brats_gan.preview import save_grid
+
+    started = time.perf_counter()
+    if num < 1:
+        raise CommandError(f"--num must be at least 1, got {num}")
+    if batch_size < 1:
+        raise CommandError(f"--batch-size must be at least 1, got {batch_size}")
+    if seed < 0:
+        raise CommandError(f"--seed must be at least 0, got {seed}")
+    out = Path(out)
+    checkpoint = find_checkpoint(run, step, channels)
+    check_out(out, overwrite)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = load_generator(checkpoint, device)
+    log.info("generator of %s step %d (%s) on %s", checkpoint.run, checkpoint.step, checkpoint.preset, device)
+
+    if out.exists():
+        shutil.rmtree(out)
+    size = checkpoint.model.image_size
+    reduced = len(checkpoint.channels) != checkpoint.model.channels
+    write_skeleton(
+        str(out),
+        channels=checkpoint.channels,
+        size=size,
+        shard=SHARD,
+        subject=synthetic_ids(checkpoint, seed, num),
+        attrs={
+            "format": schema.FORMAT,
+            "format_version": schema.FORMAT_VERSION,
+            "tool_version": __version__,
+            "created": now_utc(),
+            "params": {
+                "modalities": list(checkpoint.channels),
+                "size": size,
+                "dtype": "float16",
+                "num": num,
+                "seed": seed,
+                "channel_reduction": f"mean of the generator's {checkpoint.model.channels} channels"
+                                     if reduced else None,
+                "latent_dim": checkpoint.model.latent_dim,
+                "noise": f"standard normal, per shard of {SHARD} from SeedSequence([seed, shard])",
+            },
+            "synthetic": True,
+            "checkpoint": {"run": str(checkpoint.run.resolve()), "step": checkpoint.step,
+                           "preset": checkpoint.preset, "training_store": checkpoint.training_store},
+            "seed": seed,
+            "n_subjects": num,
+            "skipped": [],
+            "complete": False,
+        },
+    )
+    image = zarr.open_group(str(out), mode="r+", use_consolidated=False)[schema.IMAGE]
+    shown: list[np.ndarray] = []
+    bar = tqdm(total=num, unit="image", desc="generate", disable=True if not progress or num <= SHARD else None)
+    with bar:
+        for start, images in synthesise(generator, checkpoint, num, seed, batch_size, device):
+            image[start : start + len(images)] = images
+            if start < GRID_MAX:
+                shown.append(images[: GRID_MAX - start])
+            bar.update(len(images))
+    seal_store(str(out))
+    report = GenerateReport(out, checkpoint, num, seed, shape=tuple(image.shape))
+    if grid is not None:
+        report.grid = save_grid(np.concatenate(shown), grid)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+# ---------------------------------------------------------------- the command
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="training run folder (brats-gan train --out)")
+    p.add_argument("--out", required=True, metavar="STORE", help="synthetic store to write, e.g. synthetic.zarr")
+    p.add_argument("--num", type=int, default=100, help="images to generate (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0); same seed, same images")
+    p.add_argument("--step", type=int, default=None,
+                   help="checkpoint step (default: the newest complete one, RUN/checkpoints/latest)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
+                   help=f"images per forward pass (default {DEFAULT_BATCH}); changes speed and memory, not images")
+    p.add_argument("--grid", metavar="PNG", default=None, help=f"also draw the first {GRID_MAX} images as a PNG grid")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing synthetic store")
+    p.add_argument("--channels", nargs="+", metavar="NAME", default=None,
+                   help="modality names of the training data, when its store is gone and the run did not "
+                        "name them (default: from the run)")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = generate(args.checkpoint, args.out, args.num, seed=args.seed, step=args.step,
+                      batch_size=args.batch_size, grid=args.grid, overwrite=args.overwrite, channels=args.channels)
+    ck = report.checkpoint
+    print(f"{report.out}: {report.num} synthetic slices {'x'.join(map(str, report.shape[1:]))} "
+          f"({', '.join(ck.channels)}) from {ck.run} step {ck.step} ({ck.preset}), seed {report.seed}, "
+          f"{report.seconds:.1f} s")
+    if report.grid is not None:
+        print(f"grid of the first {min(report.num, GRID_MAX)}: {report.grid}")
+    return 0

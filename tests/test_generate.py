@@ -1,0 +1,201 @@
+"""`brats-gan generate` on real tiny training runs: the synthetic store follows the real store's schema,
+images are reproducible from their seed, channels match the training data, and bad requests are
+refused before anything is written.
+
+The runs are trained once per module from a store preprocessed from phantoms (flair, t1ce, t2 at
+64x64, the tiny preset's size): one on flair alone (repeated to 3 channels, checkpoints at steps
+2 and 4) and one on all three modalities (a checkpoint at step 2), in parallel subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+from PIL import Image
+
+from brats_gan.cli import main as cli_main
+from brats_gan.discover import discover_subjects
+from brats_gan.preprocess import PreprocessConfig, run_preprocess
+from tests.conftest import cli
+
+MODALITIES = ("flair", "t1ce", "t2")
+
+DESCRIBE_WITHOUT_BRATS_GAN = r"""
+import json, sys
+import numpy as np, xarray as xr, zarr
+out = {}
+for path in sys.argv[1:]:
+    ds = xr.open_zarr(path)
+    g = zarr.open_group(path, mode="r")
+    img = ds.image.values.astype("float32")
+    out[path] = {
+        "dims": {k: v for k, v in ds.sizes.items()},
+        "image": [list(ds.image.dims), str(ds.image.dtype)],
+        "coords": {k: [list(v.dims), str(v.dtype)] for k, v in ds.coords.items()},
+        "zarr_types": {k: str(g[k].metadata.data_type) for k in sorted(g.array_keys())},
+        "chunks": list(g["image"].chunks), "min": float(img.min()), "max": float(img.max()),
+        "subjects": len(set(ds.subject.values.tolist())), "channels": ds.channel.values.tolist(),
+        "slice_index": sorted(set(ds.slice_index.values.tolist())),
+        "tumour_fraction_nan": bool(np.isnan(ds.tumour_fraction.values).all()),
+        "attrs": dict(ds.attrs),
+    }
+out["brats_gan_imported"] = "brats_gan" in sys.modules
+print(json.dumps(out))
+"""
+
+# `brats-gan generate`, then proof that DeepSpeed was never imported.
+GENERATE_WITHOUT_DEEPSPEED = (
+    "import sys; from brats_gan.cli import main; rc = main(sys.argv[1:]); "
+    "assert 'deepspeed' not in sys.modules, 'generate imported deepspeed'; raise SystemExit(rc)"
+)
+
+
+@pytest.fixture(scope="module")
+def real_store(phantoms_2020: Path, dask_client, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("generate") / "real.zarr"
+    config = PreprocessConfig(modalities=MODALITIES, slices=4, size=64)
+    report = run_preprocess(discover_subjects(phantoms_2020), store, config, dask_client, progress=False)
+    assert report.complete
+    return store
+
+
+@pytest.fixture(scope="module")
+def runs(real_store: Path) -> dict[str, Path]:
+    """``flair``: trained on flair repeated to 3 channels; ``three``: on flair, t1ce and t2."""
+    root = real_store.parent
+    common = ["--store", str(real_store), "--preset", "tiny", "--seed", "0", "--checkpoint-every", "2",
+              "--sample-every", "0"]
+    plans = {"flair": ["--out", str(root / "flair"), "--steps", "4", "--channels", "flair"],
+             "three": ["--out", str(root / "three"), "--steps", "2"]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two runs share the cores; more threads only stall
+    procs = {name: subprocess.Popen(cli("train", *common, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, env=env) for name, args in plans.items()}
+    for proc in procs.values():
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output
+    return {name: root / name for name in plans}
+
+
+def describe(*stores: Path) -> dict:
+    done = subprocess.run([sys.executable, "-c", DESCRIBE_WITHOUT_BRATS_GAN, *map(str, stores)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def generated(run: Path, out: Path, *args: str) -> np.ndarray:
+    assert cli_main(["generate", "--checkpoint", str(run), "--out", str(out), *args]) == 0
+    return xr.open_zarr(out).image.values.astype(np.float32)
+
+
+def close(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal to float16 rounding (a few steps in, the generator's outputs are still ~1e-3, so the
+    tolerance scales with them)."""
+    return np.allclose(a, b, rtol=0, atol=2e-3 * np.abs(b).max())
+
+
+def test_a_hundred_images_in_the_real_stores_schema_read_without_brats_gan(
+        runs: dict[str, Path], real_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out, grid = tmp_path / "synthetic.zarr", tmp_path / "grid.png"
+    done = subprocess.run([sys.executable, "-c", GENERATE_WITHOUT_DEEPSPEED, "generate", "--checkpoint",
+                           str(runs["three"]), "--num", "100", "--out", str(out), "--grid", str(grid)],
+                          check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"{out}: 100 synthetic slices 3x64x64 (flair, t1ce, t2)" in done.stdout
+    seen = describe(out, real_store)
+    synthetic, real = seen[str(out)], seen[str(real_store)]
+    assert not seen["brats_gan_imported"]
+    assert synthetic["dims"] == {**real["dims"], "sample": 100}
+    for key in ("image", "coords", "zarr_types", "channels"):
+        assert synthetic[key] == real[key], key
+    assert synthetic["chunks"] == [8, 3, 64, 64], "8 samples per chunk (the real store's 4 slices allow only 4)"
+    assert "VariableLengthUTF8()" in synthetic["zarr_types"].values()
+    assert -1 <= synthetic["min"] < synthetic["max"] <= 1
+    assert synthetic["subjects"] == 100 and synthetic["slice_index"] == [-1] and synthetic["tumour_fraction_nan"]
+    attrs = synthetic["attrs"]
+    assert attrs["synthetic"] is True and attrs["complete"] is True and real["attrs"]["synthetic"] is False
+    assert attrs["checkpoint"]["step"] == 2 and attrs["checkpoint"]["preset"] == "tiny"
+    assert attrs["checkpoint"]["run"] == str(runs["three"].resolve())
+    assert attrs["seed"] == 0 and attrs["params"]["size"] == 64 and attrs["params"]["modalities"] == list(MODALITIES)
+    for key in ("format", "format_version", "tool_version", "created"):
+        assert attrs[key] == real["attrs"][key] or key == "created", key
+    with Image.open(grid) as png:
+        assert png.size == (10 * 66 - 2, 10 * 66 - 2) and png.mode == "RGB"  # 10 x 10 tiles, 2-pixel gaps
+    assert cli_main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["synthetic"] is True and info["complete"] is True and info["samples"] == 100
+
+
+def test_one_repeated_modality_is_stored_as_the_mean_of_the_generators_three_channels(
+        runs: dict[str, Path], tmp_path: Path) -> None:
+    flair = generated(runs["flair"], tmp_path / "flair.zarr", "--num", "8")
+    assert flair.shape == (8, 1, 64, 64) and xr.open_zarr(tmp_path / "flair.zarr").channel.values.tolist() == ["flair"]
+    # The three-modality run's weights, as if they had been trained on flair alone.
+    as_flair = tmp_path / "as_flair"
+    shutil.copytree(runs["three"], as_flair)
+    options = json.loads((as_flair / "training_options.json").read_text())
+    options["data"]["channels"] = ["flair"]
+    (as_flair / "training_options.json").write_text(json.dumps(options))
+    three = generated(runs["three"], tmp_path / "three.zarr", "--num", "8")
+    mean = generated(as_flair, tmp_path / "mean.zarr", "--num", "8")
+    assert close(mean[:, 0], three.mean(1)) and not close(mean[:, 0], three[:, 0])
+
+
+def test_same_seed_same_images_other_seed_or_step_other_images(runs: dict[str, Path], tmp_path: Path) -> None:
+    run, out = runs["flair"], tmp_path / "s.zarr"
+    first = generated(run, out, "--num", "70", "--seed", "3")
+    assert xr.open_zarr(out).attrs["checkpoint"]["step"] == 4, "the newest checkpoint by default"
+    again = generated(run, out, "--num", "70", "--seed", "3", "--overwrite")
+    assert np.array_equal(first, again)
+    other_batches = generated(run, out, "--num", "70", "--seed", "3", "--batch-size", "7", "--overwrite")
+    assert close(other_batches, first)
+    prefix = generated(run, out, "--num", "5", "--seed", "3", "--overwrite")
+    assert close(prefix, first[:5])
+    other_seed = generated(run, out, "--num", "70", "--seed", "4", "--overwrite")
+    assert not close(other_seed, first)
+    earlier = generated(run, out, "--num", "70", "--seed", "3", "--step", "2", "--overwrite")
+    assert xr.open_zarr(out).attrs["checkpoint"]["step"] == 2 and not close(earlier, first)
+
+
+def test_refusals_exit_2_with_their_reason_and_write_nothing(
+        runs: dict[str, Path], real_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out, grid = tmp_path / "out.zarr", tmp_path / "grid.png"
+    not_a_run = tmp_path / "empty"
+    not_a_run.mkdir()
+    unstarted = tmp_path / "unstarted"  # killed before its first checkpoint
+    unstarted.mkdir()
+    shutil.copy(runs["flair"] / "training_options.json", unstarted)
+    moved = tmp_path / "moved"  # its training store is gone and it never named its channels
+    shutil.copytree(runs["three"], moved)
+    options = json.loads((moved / "training_options.json").read_text())
+    options["data"]["store"] = str(tmp_path / "gone.zarr")
+    (moved / "training_options.json").write_text(json.dumps(options))
+
+    def refused(run: Path, message: str, *args: str, target: Path = out) -> None:
+        argv = ["generate", "--checkpoint", str(run), "--out", str(target), "--grid", str(grid), *args]
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists() and not grid.exists()
+
+    refused(not_a_run, "not a training run folder")
+    refused(unstarted, "names no complete checkpoint")
+    refused(runs["flair"], "no complete checkpoint at step 3 (complete: 2, 4)", "--step", "3")
+    refused(runs["flair"], "--num must be at least 1, got 0", "--num", "0")
+    refused(runs["flair"], "--batch-size must be at least 1, got 0", "--batch-size", "0")
+    refused(runs["flair"], "--seed must be at least 0, got -1", "--seed", "-1")
+    refused(moved, "cannot tell which modalities the run was trained on")
+    before = {p: p.stat().st_mtime_ns for p in real_store.rglob("*")}
+    refused(runs["flair"], "already exists; pass --overwrite", target=real_store)
+    refused(runs["flair"], "not a synthetic slice store", "--overwrite", target=real_store)
+    assert {p: p.stat().st_mtime_ns for p in real_store.rglob("*")} == before
+
+    named = generated(moved, out, "--num", "4", "--channels", *MODALITIES)
+    assert named.shape == (4, 3, 64, 64)
