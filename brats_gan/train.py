@@ -52,6 +52,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from brats_gan import schema
+from brats_gan.augment import POLICIES as AUGMENT_POLICIES
+from brats_gan.augment import diff_augment, parse_policy
 from brats_gan.cli import CommandError
 from brats_gan.data import (
     DEFAULT_RUN_LENGTH,
@@ -133,6 +135,7 @@ class TrainingConfig:
     n_critic: int = 5
     gp_lambda: float = 10.0
     clip_value: float = 0.01
+    augment: tuple[str, ...] = ()  # DiffAugment policies (brats_gan.augment); () = none
     deepspeed_config: str | None = None
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
@@ -172,6 +175,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--preset": ("training", "preset"), "--steps": ("training", "steps"), "--seed": ("training", "seed"),
     "--loss": ("training", "loss"), "--n-critic": ("training", "n_critic"),
     "--gp-lambda": ("training", "gp_lambda"), "--clip-value": ("training", "clip_value"),
+    "--augment": ("training", "augment"),
     "--deepspeed-config": ("training", "deepspeed_config"),
     "--out": ("checkpoint", "out"), "--checkpoint-every": ("checkpoint", "every"),
     "--keep-checkpoints": ("checkpoint", "keep"), "--sample-every": ("checkpoint", "sample_every"),
@@ -201,6 +205,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     loss.add_argument("--n-critic", type=int, help=f"critic steps per generator step (default {t.n_critic})")
     loss.add_argument("--gp-lambda", type=float, help=f"gradient-penalty weight (default {t.gp_lambda})")
     loss.add_argument("--clip-value", type=float, help=f"wgan-clip weight bound (default {t.clip_value})")
+    loss.add_argument("--augment", metavar="POLICIES",
+                      help="DiffAugment of the critic's real and fake inputs: comma-separated "
+                           f"{','.join(AUGMENT_POLICIES)}, or all, or none (default none: the poster's recipe)")
     data = parser.add_argument_group("data")
     data.add_argument("--channels", nargs="+", metavar="NAME",
                       help="one stored channel (repeated to 3) or three (default: the store's only one or three)")
@@ -338,6 +345,13 @@ def load_deepspeed_config(path: str | None, preset: str, world_size: int) -> dic
 def build_options(args: argparse.Namespace, world_size: int) -> Options:
     """Options from the CLI (new run) or from ``RUN/training_options.json`` plus allowed changes (resume)."""
     given = _given(args)
+    if ("training", "augment") in given:
+        try:
+            given[("training", "augment")] = parse_policy(given[("training", "augment")])
+        except ValueError as err:
+            raise ConfigError(f"--augment: {err}") from None
+    if ("data", "store") in given:  # recorded absolute: generate and resumes may run from another folder
+        given[("data", "store")] = str(Path(given[("data", "store")]).absolute())
     out = Path(args.out)
     given[("checkpoint", "out")] = str(out)
     given[("checkpoint", "resume")] = bool(args.resume)
@@ -365,6 +379,7 @@ def build_options(args: argparse.Namespace, world_size: int) -> Options:
             sections[key[0]][key[1]] = value
         if sections["data"].get("channels") is not None:
             sections["data"]["channels"] = tuple(sections["data"]["channels"])
+        sections["training"]["augment"] = tuple(sections["training"].get("augment", ()))
     else:
         if ("data", "store") not in given:
             raise ConfigError("--store is required for a new run")
@@ -662,6 +677,7 @@ class Trainer:
         real = real.to(self.device, self.dtype, non_blocking=True)
         with torch.no_grad():
             fake = self.generator.module(self.noise(real.shape[0]))
+        real, fake = self.augment(real), self.augment(fake)
         real_score = self.critic(real).float().mean()
         fake_score = self.critic(fake).float().mean()
         loss = fake_score - real_score
@@ -677,6 +693,10 @@ class Trainer:
                     p.clamp_(-self.t.clip_value, self.t.clip_value)
         return loss.detach(), (real_score - fake_score).detach(), penalty.detach()
 
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """DiffAugment (``--augment``) of what the critic sees, real and fake alike; identity by default."""
+        return diff_augment(images, self.t.augment) if self.t.augment else images
+
     def gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """``E[(|grad_x D(x_hat)| - 1)^2]`` at random interpolates, differentiable (double backward)."""
         eps = torch.rand(real.shape[0], 1, 1, 1, device=self.device, dtype=self.dtype)
@@ -689,7 +709,7 @@ class Trainer:
         """One generator update against the frozen critic; returns its loss."""
         with frozen(self.critic.module):
             fake = self.generator(self.noise(batch_size))
-            loss = -self.critic.module(fake).float().mean()
+            loss = -self.critic.module(self.augment(fake)).float().mean()
             self.generator.backward(loss)
             self.generator.step()
         return loss.detach()
