@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("brats_gan.models_cli", "print the generator and critic of a preset as tables"),
     "train": ("brats_gan.train", "train the WGAN in one process (use the deepspeed launcher for several)"),
     "generate": ("brats_gan.generate", "write synthetic slices from a checkpoint into a store"),
+    "evaluate": ("brats_gan.evaluate", "compare synthetic with real slices: SWD, FID/KID, memorisation, grid, diversity"),
 }
 
 

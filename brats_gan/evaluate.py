@@ -1,0 +1,308 @@
+"""`brats-gan evaluate`: how close a synthetic slice store is to a real one, as figures and a report.
+
+Reads any two stores of the schema (``--real`` from `brats-gan preprocess`, ``--fake`` from `brats-gan
+generate`, or any other pair), brings them to one size, runs the metrics of :mod:`brats_gan.metrics` and
+prints them (``--json``: one JSON object). ``--report DIR`` adds the JSON, one ``metric-<name>.jsonl`` line per
+metric and the PNGs of :mod:`brats_gan.report`. The README section "Evaluating synthetic slices" defines each
+figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brats_gan.cli import CommandError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_IMAGES = 1024
+READ_BATCH = 64
+# Keys always present in the JSON (null when their metric did not run), so scripts can rely on them.
+RESULT_KEYS = ("swd", "swd_floor", "checkerboard", "checkerboard_real", "ms_ssim_fake", "ms_ssim_real",
+               "memorisation_share", "fid", "kid", "kid_std", "precision", "recall")
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    from brats_gan.metrics import list_metrics
+
+    p.add_argument("--real", required=True, metavar="REAL.zarr",
+                   help="real slices; with --train they must be held out (subjects not in the training store)")
+    p.add_argument("--fake", required=True, metavar="FAKE.zarr", help="synthetic slices (e.g. from `brats-gan generate`)")
+    p.add_argument("--train", metavar="TRAIN.zarr", help="the generator's training store: enables the memorisation figures")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--report", metavar="DIR", help="write metrics.json, metric-<name>.jsonl and PNGs here")
+    p.add_argument("--inception-weights", metavar="FILE",
+                   help="the FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth): enables FID, KID, "
+                        "precision and recall; never downloaded")
+    p.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
+                   help=f"slices drawn at random from --real and from --fake (default {DEFAULT_MAX_IMAGES}); "
+                        "the training store is always read in full")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (subsets, patches, pairs)")
+    p.add_argument("--metrics", default=",".join(list_metrics()),
+                   help=f"comma-separated subset of {','.join(list_metrics())} (default: all)")
+
+
+# --------------------------------------------------------------------------------------------
+# checks before any pixel is read
+
+
+def _summaries(args: argparse.Namespace) -> dict[str, Any]:
+    from brats_gan.schema import StoreError, require_complete
+
+    out = {}
+    for role in ("real", "fake", "train"):
+        path = getattr(args, role)
+        if path is None:
+            continue
+        try:
+            out[role] = require_complete(path)
+        except StoreError as err:
+            raise CommandError(f"--{role}: {err}") from None
+        if len(out[role].image_shape) != 4 or out[role].image_shape[-1] != out[role].image_shape[-2]:
+            raise CommandError(f"--{role} {path}: images of shape {out[role].image_shape[1:]} are not square slices")
+    return out
+
+
+def _check_channels(summaries: dict[str, Any], notes: list[str]) -> None:
+    """Equal channel counts, or a single channel that is repeated (as the trainer repeats one modality)."""
+    counts = {role: s.image_shape[1] for role, s in summaries.items()}
+    wanted = max(counts.values())
+    bad = {role: n for role, n in counts.items() if n not in (1, wanted)}
+    if bad:
+        described = ", ".join(f"--{r} has {n} ({','.join(summaries[r].channels)})" for r, n in counts.items())
+        raise CommandError(f"incompatible channels: {described}; stores must have equally many channels, "
+                           "or one of them a single channel (repeated to match)")
+    for role, n in counts.items():
+        if n == 1 and wanted > 1:
+            notes.append(f"--{role} has 1 channel ({','.join(summaries[role].channels)}): repeated to {wanted} "
+                         "for the comparisons across stores")
+    names = {s.channels for s in summaries.values() if len(s.channels) == wanted}
+    if len(names) > 1:
+        notes.append(f"channel names differ between stores ({' vs '.join(','.join(n) for n in names)}): "
+                     "compared in stored order")
+
+
+def _check_train(summaries: dict[str, Any]) -> None:
+    """--real must be held-out data when --train is given, or the memorisation threshold is meaningless."""
+    import zarr
+
+    real, train = summaries["real"], summaries["train"]
+    if Path(real.path).resolve() == Path(train.path).resolve():
+        raise CommandError("--real and --train are the same store: with --train, --real must be held-out real "
+                           "slices (subjects the generator never saw)")
+
+    def subjects(path: str) -> set[str]:
+        return {str(s) for s in zarr.open_group(path, mode="r")["subject"][:]}
+
+    shared = subjects(real.path) & subjects(train.path)
+    if shared:
+        raise CommandError(f"--real shares {len(shared)} subject(s) with --train (e.g. {min(shared)}): "
+                           "with --train, --real must be held-out subjects")
+
+
+def _metric_names(args: argparse.Namespace) -> list[str]:
+    from brats_gan.metrics import is_valid_metric, list_metrics
+
+    names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in names if not is_valid_metric(m)]
+    if unknown or not names:
+        raise CommandError(f"--metrics: unknown {unknown or 'empty list'}; choose from {','.join(list_metrics())}")
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def load_set(summary: Any, size: int, max_images: int | None, rng: np.random.Generator, desc: str) -> Any:
+    """Up to ``max_images`` slices chosen at random (all when None), area-downsampled to ``size``, float32."""
+    import zarr
+
+    from brats_gan.metrics import ImageSet, area_resize, progress
+
+    group = zarr.open_group(summary.path, mode="r")
+    n = summary.n_samples
+    picked = max_images is not None and n > max_images
+    indices = np.sort(rng.choice(n, max_images, replace=False)) if picked else np.arange(n)
+    image = group["image"]
+    out = np.empty((len(indices), image.shape[1], size, size), dtype=np.float32)
+    for start in progress(range(0, len(indices), READ_BATCH), f"reading {desc}"):
+        part = indices[start:start + READ_BATCH]
+        rows = image[int(part[0]):int(part[-1]) + 1] if not picked else image.oindex[part]
+        out[start:start + len(part)] = area_resize(np.asarray(rows), size).numpy()
+    return ImageSet(
+        path=summary.path, images=out, indices=indices,
+        subjects=np.array([str(s) for s in group["subject"][:]], dtype=object)[indices],
+        slice_index=np.asarray(group["slice_index"][:])[indices],
+        channels=summary.channels,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# output
+
+
+def _format_table(out: dict[str, Any]) -> str:
+    """The figures as lines a person reads; rows of metrics that did not run are left out (their notes say why)."""
+    lines = [
+        f"real  {out['real']}: {out['n_real']} slices",
+        f"fake  {out['fake']}: {out['n_fake']} slices",
+        *([f"train {out['train']}: {out['n_train']} slices"] if out["train"] else []),
+        f"compared at {out['image_size']} px, {out['channels']} channel(s)",
+        "",
+    ]
+    if out["swd"] is not None:
+        levels = " ".join(f"{v:.1f}" for v in out["swd_levels"])
+        lines.append(f"SWD x1e3        {out['swd']:.2f}   floor (real half vs real half) {out['swd_floor']:.2f}"
+                     f"   per level {out['swd_resolutions']} px: {levels}")
+    if out["checkerboard"] is not None:
+        lines.append(f"checkerboard    {out['checkerboard']:.2f} dB synthetic, {out['checkerboard_real']:.2f} dB real"
+                     "   (0 dB = no grid)")
+    if out["ms_ssim_fake"] is not None:
+        lines.append(f"MS-SSIM pairs   {out['ms_ssim_fake']:.3f} synthetic, {out['ms_ssim_real']:.3f} real"
+                     "   (lower = more diverse)")
+    if out["memorisation_share"] is not None:
+        lines.append(
+            f"memorisation    {100 * out['memorisation_share']:.1f}% of synthetic slices closer to a training slice "
+            f"than any held-out slice (RMS {out['memorisation_threshold']:.4f}); median nearest-training RMS "
+            f"{out['nearest_train_fake_median']:.4f} synthetic, {out['nearest_train_real_median']:.4f} held-out")
+    if out["fid"] is not None:
+        lines.append(f"Inception-v3    FID {out['fid']:.2f}   KID {out['kid']:.4f} ± {out['kid_std']:.4f}   "
+                     f"precision {out['precision']:.3f}   recall {out['recall']:.3f}")
+    lines += [f"note: {n}" for n in out["notes"]]
+    return "\n".join(lines)
+
+
+def _check_args(args: argparse.Namespace, names: list[str], notes: list[str]) -> dict[str, Any]:
+    """Every refusal that needs no pixels; returns the stores' summaries."""
+    from brats_gan.metrics import (
+        SWD_MIN_IMAGES,
+        MetricUnavailable,
+        check_inception_weights,
+        check_torchvision,
+    )
+
+    try:
+        check_torchvision()
+    except MetricUnavailable as err:
+        raise CommandError(str(err)) from None
+    if args.max_images < 2 * SWD_MIN_IMAGES:
+        raise CommandError(f"--max-images must be at least {2 * SWD_MIN_IMAGES} (two real halves for the SWD floor)")
+    summaries = _summaries(args)
+    _check_channels(summaries, notes)
+    if "train" in summaries:
+        _check_train(summaries)
+    if "swd" in names and min(_drawn(summaries["real"], args) // 2, _drawn(summaries["fake"], args)) < SWD_MIN_IMAGES:
+        raise CommandError(_too_few(summaries, args))
+    if args.inception_weights and "inception" in names:
+        try:
+            warning = check_inception_weights(args.inception_weights)
+        except MetricUnavailable as err:
+            raise CommandError(str(err)) from None
+        if warning:
+            log.warning(warning)
+            notes.append(warning)
+    if summaries["real"].attrs.get("synthetic") is not False:
+        notes.append(f"--real {summaries['real'].path} is not marked as real data (attribute synthetic is not false)")
+    if not summaries["fake"].attrs.get("synthetic"):
+        notes.append(f"--fake {summaries['fake'].path} is not marked synthetic")
+    return summaries
+
+
+def _drawn(summary: Any, args: argparse.Namespace) -> int:
+    return min(summary.n_samples, args.max_images)
+
+
+def _too_few(summaries: dict[str, Any], args: argparse.Namespace) -> str:
+    from brats_gan.metrics import SWD_MIN_IMAGES
+
+    return (f"too few slices for the SWD floor: {_drawn(summaries['real'], args)} real and "
+            f"{_drawn(summaries['fake'], args)} synthetic; it needs two disjoint real halves (whole subjects "
+            f"each) of at least {SWD_MIN_IMAGES} slices and {SWD_MIN_IMAGES} synthetic")
+
+
+def _load(args: argparse.Namespace, names: list[str], summaries: dict[str, Any], notes: list[str]) -> Any:
+    """The slices every metric sees: real and fake at the smaller store's size, train at 64 px at most."""
+    from brats_gan.metrics import (
+        MEMORISATION_SIZE,
+        SWD_MIN_IMAGES,
+        EvalData,
+        swd_images_per_side,
+    )
+
+    real_s, fake_s = summaries["real"], summaries["fake"]
+    size = min(real_s.image_shape[-1], fake_s.image_shape[-1])
+    for role, s in (("real", real_s), ("fake", fake_s)):
+        if s.image_shape[-1] > size:
+            notes.append(f"--{role} slices are {s.image_shape[-1]} px: area-downsampled to {size} px to match")
+        if _drawn(s, args) < s.n_samples:
+            notes.append(f"--{role}: {_drawn(s, args)} of {s.n_samples} slices drawn at random (--max-images, --seed)")
+    rng = np.random.default_rng(args.seed)
+    data = EvalData(
+        real=load_set(real_s, size, args.max_images, rng, "real"),
+        fake=load_set(fake_s, size, args.max_images, rng, "fake"),
+        seed=args.seed,
+        inception_weights=args.inception_weights,
+        notes=notes,
+    )
+    if "swd" in names:
+        if swd_images_per_side(data) < SWD_MIN_IMAGES:
+            raise CommandError(_too_few(summaries, args))
+        if len(set(data.real.subjects)) < 2:
+            notes.append("--real holds one subject: the SWD halves split its slices, so neighbouring slices sit on "
+                         "both sides and the floor is lower than new patients would score")
+    if "train" in summaries:
+        train_size = min(MEMORISATION_SIZE, size, summaries["train"].image_shape[-1])
+        data.train = load_set(summaries["train"], train_size, None, rng, "train")
+    return data
+
+
+def run(args: argparse.Namespace) -> int:
+    from brats_gan.metrics import MetricUnavailable, calc_metric, report_metric
+
+    names = _metric_names(args)
+    notes: list[str] = []
+    summaries = _check_args(args, names, notes)
+    data = _load(args, names, summaries, notes)
+    out: dict[str, Any] = {
+        "real": data.real.path, "fake": data.fake.path, "train": data.train.path if data.train else None,
+        "n_real": len(data.real), "n_fake": len(data.fake), "n_train": len(data.train) if data.train else None,
+        "image_size": data.real.size, "channels": data.channels, "seed": args.seed,
+        **{k: None for k in RESULT_KEYS},
+    }
+    results = []
+    for name in names:
+        log.info("computing %s", name)
+        try:
+            result = calc_metric(name, data)
+        except MetricUnavailable as err:
+            if args.json:
+                log.info("%s", err)
+            notes.append(str(err))
+            continue
+        log.info("%s done in %s", name, result["total_time_str"])
+        out.update(result["results"])
+        results.append(result)
+    if "ms_ssim_scales" in out and out["ms_ssim_scales"] < 5:
+        notes.append(f"MS-SSIM at {data.real.size} px uses {out['ms_ssim_scales']} scales (5 need 176 px or more): "
+                     "the first exponents of Wang et al., renormalised")
+    out["notes"] = notes
+
+    if args.report:
+        from brats_gan.report import write_report
+
+        report_dir = Path(args.report)
+        report_dir.mkdir(parents=True, exist_ok=True)
+        for result in results:
+            report_metric(result, report_dir, real=out["real"], fake=out["fake"], train=out["train"], seed=args.seed)
+        (report_dir / "metrics.json").write_text(json.dumps(out, indent=2) + "\n")
+        written = write_report(report_dir, data, out)
+        log.info("report: %s", ", ".join(str(p) for p in [report_dir / "metrics.json", *written]))
+    print(json.dumps(out) if args.json else _format_table(out))
+    return 0
