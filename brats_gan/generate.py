@@ -99,9 +99,9 @@ def complete_steps(run: Path) -> list[int]:
 
 
 def find_checkpoint(run: str | Path, step: int | None = None,
-                    channels: Sequence[str] | None = None) -> Checkpoint:
-    """The checkpoint to generate from (``step``, or the one ``checkpoints/latest`` names), or a
-    CommandError naming what is missing."""
+                    channels: Sequence[str] | None = None, which: str = "latest") -> Checkpoint:
+    """The checkpoint to generate from (``step``, or the one ``checkpoints/<which>`` names: ``latest``
+    or ``best``, the lowest SWD measured during training), or a CommandError naming what is missing."""
     from brats_gan.models import ModelConfig
     from brats_gan.train import CHECKPOINTS, LATEST, OPTIONS_FILE, read_latest
 
@@ -116,10 +116,11 @@ def find_checkpoint(run: str | Path, step: int | None = None,
     except (ValueError, KeyError, TypeError) as err:
         raise CommandError(f"--checkpoint {run}: {options_path.name} is not readable training options ({err})") from None
     if step is None:
-        step = read_latest(run)
+        step = read_latest(run, which)
         if step is None:
-            raise CommandError(f"--checkpoint {run}: {run / CHECKPOINTS / LATEST} names no complete checkpoint "
-                               "(the run stopped before its first one)")
+            why = ("the run stopped before its first one" if which == LATEST else
+                   "the run measured no SWD (--swd-images 0), or its best checkpoint is gone; try --which latest")
+            raise CommandError(f"--checkpoint {run}: {run / CHECKPOINTS / which} names no complete checkpoint ({why})")
     elif step not in (available := complete_steps(run)):
         listed = ", ".join(map(str, available)) or "none"
         raise CommandError(f"--step {step}: {run} has no complete checkpoint at step {step} (complete: {listed})")
@@ -230,7 +231,7 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step: int | None = None,
              batch_size: int = DEFAULT_BATCH, grid: str | Path | None = None, overwrite: bool = False,
-             channels: Sequence[str] | None = None, progress: bool = True) -> GenerateReport:
+             channels: Sequence[str] | None = None, progress: bool = True, which: str = "latest") -> GenerateReport:
     """Write ``num`` images of a run's checkpoint to the store ``out`` (and ``grid``); every refusal
     comes before anything is written."""
     import time
@@ -251,7 +252,7 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
     if seed < 0:
         raise CommandError(f"--seed must be at least 0, got {seed}")
     out = Path(out)
-    checkpoint = find_checkpoint(run, step, channels)
+    checkpoint = find_checkpoint(run, step, channels, which)
     check_out(out, overwrite)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = load_generator(checkpoint, device)
@@ -317,8 +318,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="STORE", help="synthetic store to write, e.g. synthetic.zarr")
     p.add_argument("--num", type=int, default=100, help="images to generate (default 100)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0); same seed, same images")
-    p.add_argument("--step", type=int, default=None,
-                   help="checkpoint step (default: the newest complete one, RUN/checkpoints/latest)")
+    p.add_argument("--which", choices=("latest", "best"), default="latest",
+                   help="checkpoint: the newest complete one (latest, default) or the one with the lowest SWD "
+                        "measured during training (best)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (overrides --which)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
                    help=f"images per forward pass (default {DEFAULT_BATCH}); changes speed and memory, not images")
     p.add_argument("--grid", metavar="PNG", default=None, help=f"also draw the first {GRID_MAX} images as a PNG grid")
@@ -329,7 +332,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = generate(args.checkpoint, args.out, args.num, seed=args.seed, step=args.step,
+    report = generate(args.checkpoint, args.out, args.num, seed=args.seed, step=args.step, which=args.which,
                       batch_size=args.batch_size, grid=args.grid, overwrite=args.overwrite, channels=args.channels)
     ck = report.checkpoint
     print(f"{report.out}: {report.num} synthetic slices {'x'.join(map(str, report.shape[1:]))} "

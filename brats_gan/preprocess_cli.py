@@ -118,6 +118,7 @@ def run_info(args: argparse.Namespace) -> int:
         "subjects": s.n_subjects,
         "skipped": s.attrs.get("skipped", []),
         "synthetic": s.attrs.get("synthetic", False),
+        **({"checkpoint": s.attrs.get("checkpoint"), "seed": s.attrs.get("seed")} if s.attrs.get("synthetic") else {}),
         "params": s.attrs.get("params", {}),
     }
     if args.json:

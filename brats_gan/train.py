@@ -70,12 +70,14 @@ log = logging.getLogger(__name__)
 LOSSES = ("wgan-gp", "wgan-clip")
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+BEST = "best"
 OPTIONS_FILE = "training_options.json"
 TRAINER_STATE = "trainer_state.json"
 METRICS_FILE = "metrics.csv"
 METRICS = ("step", "epoch", "critic_loss", "generator_loss", "wasserstein", "gradient_penalty",
-           "step_s", "images_per_s", "time")
+           "step_s", "images_per_s", "swd", "time")
 EXIT_DIVERGED = 3
+SWD_MIN_IMAGES = 16
 
 # The DeepSpeed recipes when --deepspeed-config is not given; deepspeed_configs/{paper,tiny}.json
 # hold the same (a test keeps them equal), for users to copy and edit.
@@ -154,6 +156,7 @@ class CheckpointConfig:
     resume: bool = False
     sample_every: int | None = None  # None: same as ``every``; 0: never
     samples: int = 16
+    swd_images: int = 256  # generated vs real images for the SWD at each checkpoint; 0: none
 
 
 @dataclass(frozen=True)
@@ -179,11 +182,12 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--deepspeed-config": ("training", "deepspeed_config"),
     "--out": ("checkpoint", "out"), "--checkpoint-every": ("checkpoint", "every"),
     "--keep-checkpoints": ("checkpoint", "keep"), "--sample-every": ("checkpoint", "sample_every"),
-    "--samples": ("checkpoint", "samples"),
+    "--samples": ("checkpoint", "samples"), "--swd-images": ("checkpoint", "swd_images"),
 }
 # What a resumed run may change; anything else would make it a different run.
 RESUMABLE_CHANGES = {("training", "steps"), ("checkpoint", "every"), ("checkpoint", "keep"),
                      ("checkpoint", "sample_every"), ("checkpoint", "samples"), ("data", "num_workers"),
+                     ("checkpoint", "swd_images"),
                      ("data", "store"), ("data", "cache")}
 
 
@@ -222,6 +226,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     ck.add_argument("--keep-checkpoints", type=int, help=f"complete checkpoints kept (default {c.keep})")
     ck.add_argument("--sample-every", type=int, help="steps between sample grids (default: --checkpoint-every; 0: none)")
     ck.add_argument("--samples", type=int, help=f"images in the sample grid (default {c.samples})")
+    ck.add_argument("--swd-images", type=int,
+                    help=f"generated and real images whose SWD is measured at each checkpoint, to the CSV, "
+                         f"TensorBoard and the `best` pointer (default {c.swd_images}; 0: none)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -266,6 +273,8 @@ def validate(options: Options) -> None:
     if c.sample_every is not None:
         at_least(("checkpoint", "sample_every"), c.sample_every, 0)
     checks.append((("checkpoint", "samples"), isinstance(c.samples, int) and 1 <= c.samples <= 256, "in [1, 256]"))
+    checks.append((("checkpoint", "swd_images"), isinstance(c.swd_images, int) and not isinstance(c.swd_images, bool)
+                   and (c.swd_images == 0 or c.swd_images >= SWD_MIN_IMAGES), f"0 (none) or >= {SWD_MIN_IMAGES}"))
     for key, ok, must in checks:
         if not ok:
             raise _bad(key, getattr(getattr(options, key[0]), key[1]), must)
@@ -418,11 +427,11 @@ def check_run_folder(options: Options, world_size: int) -> int | None:
     return step
 
 
-def read_latest(run: str | Path) -> int | None:
-    """The step ``RUN/checkpoints/latest`` names, if that checkpoint is complete."""
+def read_latest(run: str | Path, pointer: str = LATEST) -> int | None:
+    """The step ``RUN/checkpoints/latest`` (or ``best``) names, if that checkpoint is complete."""
     root = Path(run) / CHECKPOINTS
     try:
-        step = int((root / LATEST).read_text().strip())
+        step = int((root / pointer).read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
     return step if (root / str(step) / TRAINER_STATE).is_file() else None
@@ -632,6 +641,11 @@ class Trainer:
         self.dtype = next(self.generator.module.parameters()).dtype
         self.fixed_noise = torch.randn(self.c.samples, self.model_config.latent_dim,
                                        generator=torch.Generator().manual_seed(self.t.seed))
+        self.swd_images = min(self.c.swd_images, stream.n_samples)
+        self.swd_noise = torch.randn(self.swd_images, self.model_config.latent_dim,
+                                     generator=torch.Generator().manual_seed(self.t.seed + 1))
+        self._swd_real: torch.Tensor | None = None
+        self.best_swd = math.inf
         self.num_workers = (options.data.num_workers if options.data.num_workers is not None
                             else default_num_workers(env.local_world_size))
 
@@ -738,12 +752,14 @@ class Trainer:
             with bar, redirect:
                 while self.step < self.t.steps:
                     row = self.train_step(batches)
+                    checkpoint = self.step % self.c.every == 0 or self.step == self.t.steps
+                    row["swd"] = self.measure_swd() if checkpoint else None
                     if self.metrics:
                         self.metrics.write(row)
                     bar.update(1)
                     bar.set_postfix(W=f"{row['wasserstein']:.3f}", img_s=f"{row['images_per_s']:.0f}", refresh=False)
-                    if self.step % self.c.every == 0 or self.step == self.t.steps:
-                        self.save()
+                    if checkpoint:
+                        self.save(row["swd"])
                     if sample_every and (self.step % sample_every == 0 or self.step == self.t.steps):
                         self.sample_grid()
         finally:
@@ -791,9 +807,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def save(self) -> None:
+    def save(self, swd: float | None = None) -> None:
         """``RUN/checkpoints/<step>/{generator,critic}/`` (DeepSpeed), ``rng_rank<r>.pt`` and
-        ``trainer_state.json``; then, after a barrier proves every rank finished, ``latest``."""
+        ``trainer_state.json``; then, after a barrier proves every rank finished, ``latest``, and
+        ``best`` when this checkpoint's SWD is the lowest so far."""
         folder = self.run_dir / CHECKPOINTS / str(self.step)
         if self.is_main and folder.exists():
             shutil.rmtree(folder)
@@ -806,20 +823,24 @@ class Trainer:
         if self.is_main:
             state = {"step": self.step, "epoch": self.position.epoch, "batch": self.position.batch,
                      "world_size": self.env.world_size, "micro_batch": self.stream.batch_size,
-                     "seed": self.t.seed, "preset": self.t.preset,
+                     "seed": self.t.seed, "preset": self.t.preset, "swd": swd,
                      "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
             _atomic_write_text(folder / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
         self._barrier()
         if self.is_main:
             _atomic_write_text(self.run_dir / CHECKPOINTS / LATEST, f"{self.step}\n")
+            if swd is not None and swd < self.best_swd:
+                self.best_swd = swd
+                _atomic_write_text(self.run_dir / CHECKPOINTS / BEST, f"{self.step}\n")
             self._prune()
             log.info("step %d: checkpoint %s", self.step, folder)
 
     def _prune(self) -> None:
         root = self.run_dir / CHECKPOINTS
         steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+        best = read_latest(self.run_dir, BEST)
         for step in steps:
-            if step < self.step and step not in steps[-self.c.keep:]:
+            if step < self.step and step not in steps[-self.c.keep:] and step != best:
                 shutil.rmtree(root / str(step), ignore_errors=True)
 
     def load(self, step: int) -> None:
@@ -838,10 +859,36 @@ class Trainer:
             for stale in root.iterdir():
                 if stale.is_dir() and stale.name.isdigit() and int(stale.name) > step:
                     shutil.rmtree(stale, ignore_errors=True)
+        best = read_latest(self.run_dir, BEST)
+        if best is not None and best <= step:
+            saved = json.loads((self.run_dir / CHECKPOINTS / str(best) / TRAINER_STATE).read_text()).get("swd")
+            self.best_swd = math.inf if saved is None else float(saved)
         log.info("resumed from step %d (epoch %d, micro-batch %d)", self.step, self.position.epoch,
                  self.position.batch)
 
     # ---------------------------------------------------------------- watching
+
+    def measure_swd(self) -> float | None:
+        """SWD (x1e3, mean over pyramid levels; ``brats_gan.metrics``) between a fixed noise batch's images
+        and evenly spaced real images of the store, at model size (rank 0; None elsewhere or when off).
+        Like the sample grid it runs in eval mode under a forked RNG, so it never changes training."""
+        if not self.is_main or not self.swd_images:
+            return None
+        from brats_gan.metrics import swd_distance
+
+        if self._swd_real is None:
+            picks = np.linspace(0, self.stream.n_samples - 1, self.swd_images).round().astype(np.int64)
+            self._swd_real = self.stream.transform(self.stream.read(picks)).float()
+        module = self.generator.module
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            module.eval()
+            try:
+                fake = torch.cat([module(z.to(self.device, self.dtype)).float().cpu()
+                                  for z in self.swd_noise.split(64)])
+            finally:
+                module.train()
+        return float(swd_distance(self._swd_real, fake, seed=self.t.seed)["mean"])
 
     def sample_grid(self) -> None:
         """The generator (eval mode) on the fixed noise batch -> ``RUN/samples/step_<step>.png`` (rank 0).
@@ -892,6 +939,8 @@ class MetricsLog:
                          ("wasserstein", "wasserstein_estimate"), ("gradient_penalty", "loss/gradient_penalty"),
                          ("images_per_s", "throughput/images_per_s"), ("step_s", "throughput/step_s")):
             self.tb.add_scalar(tag, row[key], step)
+        if row.get("swd") is not None:
+            self.tb.add_scalar("quality/swd", row["swd"], step)
 
     def close(self) -> None:
         self.file.close()

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from conftest import cli
 from PIL import Image
 
 from brats_gan.cli import main as cli_main
 from brats_gan.discover import discover_subjects
 from brats_gan.preprocess import PreprocessConfig, run_preprocess
-from tests.conftest import cli
+from brats_gan.train import read_latest
 
 MODALITIES = ("flair", "t1ce", "t2")
 
@@ -162,6 +163,10 @@ def test_same_seed_same_images_other_seed_or_step_other_images(runs: dict[str, P
     assert not close(other_seed, first)
     earlier = generated(run, out, "--num", "70", "--seed", "3", "--step", "2", "--overwrite")
     assert xr.open_zarr(out).attrs["checkpoint"]["step"] == 2 and not close(earlier, first)
+    best_step = read_latest(run, "best")  # the lower SWD of the checkpoints at steps 2 and 4
+    best = generated(run, out, "--num", "70", "--seed", "3", "--which", "best", "--overwrite")
+    assert xr.open_zarr(out).attrs["checkpoint"]["step"] == best_step
+    assert close(best, {2: earlier, 4: first}[best_step])
 
 
 def test_refusals_exit_2_with_their_reason_and_write_nothing(

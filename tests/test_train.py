@@ -156,7 +156,14 @@ def test_two_ranks_refuse_an_existing_run_and_leave_it_alone(store: Path, uninte
 def test_two_ranks_train_checkpoint_and_watch(uninterrupted: Path) -> None:
     run = uninterrupted
     assert read_latest(run) == 12
-    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [9, 12]
+    with open(run / "metrics.csv", newline="") as f:
+        swd = {int(r["step"]): float(r["swd"]) for r in csv.DictReader(f) if r["swd"]}
+    assert sorted(swd) == [3, 6, 9, 12] and all(np.isfinite(v) and v > 0 for v in swd.values())
+    best = read_latest(run, "best")
+    assert best == min(swd, key=swd.get), "`best` names the checkpoint with the lowest SWD"
+    assert json.loads((run / "checkpoints" / str(best) / "trainer_state.json").read_text())["swd"] == swd[best]
+    kept = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == sorted({9, 12, best}), "the two newest checkpoints and the best are kept"
     folder = run / "checkpoints" / "12"
     state = json.loads((folder / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 12
