@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
-#: glibc settings for preprocessing workers (see ``dask_client``); launch/ scripts export the same.
+#: glibc settings for preprocessing workers (see ``dask_client``); launch/preprocess_slurm.sh sets the same.
 WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": 268435456, "MALLOC_MMAP_THRESHOLD_": 33554432}
 
 

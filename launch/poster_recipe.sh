@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The poster's setting (Cepa, Brito, Sousa): BraTS 2020 subjects 001-015, 48 axial T2-FLAIR slices
+# each (720 images, repeated to 3 x 256 x 256), the `paper` preset, micro-batch 8 per GPU, Adam
+# lr 2e-4, beta1 0.5, L2 weight decay 1e-3 (deepspeed_configs/paper.json); then 100 generated slices,
+# a grid, and the evaluation against 15 held-out subjects (016-030) that the poster did not have.
+#
+#   launch/poster_recipe.sh /data/MICCAI_BraTS2020_TrainingData work/poster [GPUS]     # one node
+#
+# Several nodes: run the preprocessing steps here (or with launch/preprocess_slurm.sh), then
+#   sbatch --nodes=2 launch/train_slurm.sh work/poster/train.zarr work/poster/run $TRAIN_ARGS
+# with the TRAIN_ARGS printed below. Re-running this script resumes every step that was started.
+# Environment: STEPS (default 20000 generator steps), DEEPSPEED_CONFIG (default the paper's fp32
+# recipe; deepspeed_configs/paper_bf16.json for bf16), AUGMENT (default none, as the poster).
+set -euo pipefail
+BRATS=${1:?usage: launch/poster_recipe.sh BRATS2020_DIR WORKDIR [GPUS]}
+WORK=${2:?usage: launch/poster_recipe.sh BRATS2020_DIR WORKDIR [GPUS]}
+GPUS=${3:-1}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$WORK"
+
+brats-gan preprocess "$BRATS" --out "$WORK/train.zarr" --subjects 001-015 --modalities flair --slices 48 --resume
+brats-gan preprocess "$BRATS" --out "$WORK/heldout.zarr" --subjects 016-030 --modalities flair --slices 48 --resume
+
+TRAIN_ARGS=(--preset paper --steps "${STEPS:-20000}" --checkpoint-every 500 --seed 0
+            --deepspeed-config "${DEEPSPEED_CONFIG:-$HERE/deepspeed_configs/paper.json}" --augment "${AUGMENT:-none}")
+echo "train arguments: ${TRAIN_ARGS[*]}"
+RESUME=()
+if [[ -f $WORK/run/checkpoints/latest ]]; then RESUME=(--resume); fi
+deepspeed --num_gpus "$GPUS" --module brats_gan.train --store "$WORK/train.zarr" --out "$WORK/run" \
+    ${RESUME[@]+"${RESUME[@]}"} "${TRAIN_ARGS[@]}"
+
+brats-gan generate --checkpoint "$WORK/run" --which best --num 100 --out "$WORK/synthetic.zarr" \
+    --grid "$WORK/synthetic.png" --overwrite
+brats-gan evaluate --real "$WORK/heldout.zarr" --fake "$WORK/synthetic.zarr" --train "$WORK/train.zarr" \
+    --report "$WORK/report"
