@@ -16,6 +16,9 @@ The contract (also in the README, "The store"):
 - group attributes: ``format``, ``format_version``, ``tool_version``, ``params`` (every
   preprocessing parameter), ``subjects_planned``, ``skipped`` (``[{"subject", "reason"}]``),
   ``synthetic`` and, written last, ``complete: true``.
+- synthetic stores (`brats-gan generate`) keep all of the above, with ``synthetic: true``, a
+  ``checkpoint`` attribute (run, step, preset), one subject per image (``synthetic-step<N>-seed<S>-<i>``),
+  ``slice_index`` -1, ``tumour_fraction`` NaN and shards of 64 samples.
 """
 
 from __future__ import annotations
