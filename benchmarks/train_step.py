@@ -1,0 +1,442 @@
+"""Seconds per WGAN-GP iteration: the trainer's DeepSpeed engines against a plain PyTorch loop.
+
+One iteration is what ``Trainer.train_step`` does: ``n_critic`` (5) critic steps, each with the
+gradient penalty's double backward, then one generator step, then the metric readout (one
+all-reduce of four numbers and a copy to the host, which also synchronises the device).
+
+Contender: ``brats_gan.train.Trainer``'s own phases (``train_step``, ``critic_step``,
+``gradient_penalty``, ``generator_step``) on two DeepSpeed engines built by ``Trainer._engine`` from
+the preset's ``DEFAULT_DEEPSPEED`` recipe; for ``--dtype bf16`` plus what
+``deepspeed_configs/paper_bf16.json`` adds (``bf16.enabled``, ``data_types.buffer_dtype`` bf16).
+Baseline: the same phases written against the plain modules and ``torch.optim.Adam`` with the
+recipe's hyper-parameters (lr 2e-4, betas (0.5, 0.999), eps 1e-8, L2 weight decay 1e-3); for bf16
+the modules are cast to bf16 and Adam steps fp32 master copies, as DeepSpeed's bf16 optimizer does.
+
+Both sides start from the same weights (same seed) and read the same micro-batches, pre-loaded in
+device memory (random in [-1, 1], or the first ones of ``--store``). Warm-up starts with one critic
+step and one iteration of each side from the same RNG state and reports the largest difference of
+their losses: 0.0 in fp32 (the baseline computes exactly what the trainer computes, bit for bit);
+in bf16 the first critic step agrees and later ones drift at bf16 rounding level (DeepSpeed's fp32
+master copies are not bit-equal to the baseline's). Then the iterations alternate
+(ABBA), so both see the same background load; medians of ``--steps`` timed iterations after
+``--warmup``, and the fastest of each side, since on a shared machine the median can be mostly
+other jobs' load. Target: deepspeed / torch <= 1.10.
+
+Images/s counts real images, as the trainer's metrics do: micro-batch x n_critic per iteration.
+FLOP per image is counted, not estimated: one iteration of the baseline's phases on the meta device
+under a dispatch mode that applies torch's FLOP formulas (convolutions, their backward and double
+backward, matrix products) divided by the images of the iteration. MFU = images/s x FLOP per image /
+peak: the peak comes from ``--peak-tflops`` or, on CUDA, from a table keyed by device name (dense
+bf16; fp32 with TF32 off, which this script enforces for fp32 unless ``--tf32``). On CUDA the
+default is both dtypes, fp32 then bf16.
+
+Runs as one process: ``train.init_distributed`` makes it rank 0 of 1 (gloo on CPU, NCCL on CUDA) and
+sets the CPU threads to this process's cores unless OMP_NUM_THREADS is set; ``--threads`` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+from brats_gan.data import Position
+from brats_gan.models import PRESETS, build_models, get_config
+from brats_gan.train import (
+    DistEnv,
+    Trainer,
+    TrainingConfig,
+    frozen,
+    init_distributed,
+    load_deepspeed_config,
+)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Dense peak TFLOP/s per GPU: (bf16, tf32, fp32 with TF32 off); the first key contained in the
+# device name wins, so the specific names come first.
+PEAK_TFLOPS: dict[str, tuple[float, float, float]] = {
+    "H100 PCIe": (756.0, 378.0, 51.0),
+    "H100 NVL": (835.0, 418.0, 60.0),
+    "H100": (989.0, 494.0, 67.0),
+    "H200": (989.0, 494.0, 67.0),
+    "A100": (312.0, 156.0, 19.5),
+    "L40S": (362.0, 183.0, 91.6),
+}
+METRICS = ("critic_loss", "wasserstein", "gradient_penalty", "generator_loss")
+Batches = Iterator[tuple[Position, torch.Tensor]]
+
+
+# ------------------------------------------------------------------------------------ the two sides
+
+
+def deepspeed_trainer(preset: str, config: dict[str, Any], device: str, n_critic: int, batch_size: int,
+                      seed: int) -> Trainer:
+    """A Trainer with its engines and phases but no store, run folder or logs (``__init__`` needs
+    those; ``train_step`` and its phases read only the attributes set here). Loss and augmentation
+    are the trainer's defaults: WGAN-GP, no DiffAugment."""
+    trainer = Trainer.__new__(Trainer)
+    trainer.t = TrainingConfig(preset=preset, n_critic=n_critic, seed=seed, deepspeed=config)
+    trainer.env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1)
+    trainer.device = device
+    trainer.model_config = get_config(preset)
+    trainer.run_dir = Path(tempfile.gettempdir())
+    trainer.stream = SimpleNamespace(batch_size=batch_size, batches_per_epoch=sys.maxsize)
+    trainer.step, trainer.position = 0, Position()
+    torch.manual_seed(seed)
+    generator, critic = build_models(trainer.model_config)
+    trainer.generator = trainer._engine(generator, "generator")
+    trainer.critic = trainer._engine(critic, "critic")
+    trainer.dtype = next(trainer.generator.module.parameters()).dtype
+    return trainer
+
+
+class TorchLoop:
+    """``Trainer.train_step`` and its phases (WGAN-GP, no DiffAugment) against plain modules and
+    ``torch.optim.Adam``."""
+
+    def __init__(self, preset: str, adam: dict[str, Any], device: str, dtype: torch.dtype, n_critic: int,
+                 gp_lambda: float, batch_size: int, seed: int) -> None:
+        self.config = get_config(preset)
+        self.device, self.dtype = device, dtype
+        self.n_critic, self.gp_lambda, self.batch_size = n_critic, gp_lambda, batch_size
+        torch.manual_seed(seed)
+        generator, critic = build_models(self.config)
+        self.generator = generator.to(device, dtype)
+        self.critic = critic.to(device, dtype)
+        self.g_master, self.g_opt = self._optimizer(self.generator, adam)
+        self.c_master, self.c_opt = self._optimizer(self.critic, adam)
+
+    def _optimizer(self, module: torch.nn.Module, adam: dict[str, Any]) -> tuple[list[torch.Tensor], torch.optim.Adam]:
+        params = list(module.parameters())
+        if self.dtype != torch.float32:
+            params = [p.detach().float().clone().requires_grad_(True) for p in params]
+        kwargs = {k: adam[k] for k in ("lr", "betas", "eps", "weight_decay")}
+        return params, torch.optim.Adam(params, **kwargs)
+
+    def _update(self, module: torch.nn.Module, master: list[torch.Tensor], opt: torch.optim.Adam) -> None:
+        params = list(module.parameters())
+        mixed = self.dtype != torch.float32
+        if mixed:
+            for m, p in zip(master, params):
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if mixed:
+            with torch.no_grad():
+                for m, p in zip(master, params):
+                    p.copy_(m)
+
+    def noise(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.config.latent_dim, device=self.device, dtype=self.dtype)
+
+    def critic_step(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        real = real.to(self.device, self.dtype, non_blocking=True)
+        with torch.no_grad():
+            fake = self.generator(self.noise(real.shape[0]))
+        real_score = self.critic(real).float().mean()
+        fake_score = self.critic(fake).float().mean()
+        penalty = self.gradient_penalty(real, fake)
+        loss = fake_score - real_score + self.gp_lambda * penalty
+        loss.backward()
+        self._update(self.critic, self.c_master, self.c_opt)
+        return loss.detach(), (real_score - fake_score).detach(), penalty.detach()
+
+    def gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        eps = torch.rand(real.shape[0], 1, 1, 1, device=self.device, dtype=self.dtype)
+        x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.critic(x_hat).float().sum(), x_hat, create_graph=True)
+        return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+    def generator_step(self, batch_size: int) -> torch.Tensor:
+        with frozen(self.critic):
+            loss = -self.critic(self.generator(self.noise(batch_size))).float().mean()
+            loss.backward()
+            self._update(self.generator, self.g_master, self.g_opt)
+        return loss.detach()
+
+    def train_step(self, batches: Batches) -> list[float]:
+        critic = [torch.stack(self.critic_step(next(batches)[1])) for _ in range(self.n_critic)]
+        g_loss = self.generator_step(self.batch_size)
+        values = torch.cat([torch.stack(critic).float().mean(0), g_loss.float().view(1)])
+        dist.all_reduce(values)
+        return values.tolist()
+
+
+# ------------------------------------------------------------------------------------ FLOPs and peaks
+
+
+class _FlopCount(TorchDispatchMode):
+    """Sum of torch's FLOP formulas over the ops run inside (``FlopCounterMode`` minus its module
+    tracker, whose hooks refuse ``autograd.grad`` on a leaf, which the gradient penalty needs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        packet = func._overloadpacket
+        if packet not in flop_registry:
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        if packet in flop_registry:
+            self.total += flop_registry[packet](*args, **kwargs, out_val=out)
+        return out
+
+
+def flop_per_image(preset: str, adam: dict[str, Any], n_critic: int, gp_lambda: float, batch_size: int) -> float:
+    """FLOP of one iteration of the baseline's phases (meta device: nothing is computed) per real image."""
+    loop = TorchLoop(preset, adam, "meta", torch.float32, n_critic, gp_lambda, batch_size, seed=0)
+    size = loop.config.image_size
+    with _FlopCount() as count:
+        for _ in range(n_critic):
+            loop.critic_step(torch.zeros(batch_size, loop.config.channels, size, size, device="meta"))
+        loop.generator_step(batch_size)
+    return count.total / (batch_size * n_critic)
+
+
+def peak_tflops(device: str, dtype: str, tf32: bool, override: float | None) -> tuple[float | None, str]:
+    if override is not None:
+        return override, "--peak-tflops"
+    if not device.startswith("cuda"):
+        return None, "unknown (CPU; pass --peak-tflops)"
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, tf32_peak, fp32) in PEAK_TFLOPS.items():
+        if key in name:
+            peak = bf16 if dtype == "bf16" else tf32_peak if tf32 else fp32
+            return peak, f"{name}: {key} dense {'bf16' if dtype == 'bf16' else 'tf32' if tf32 else 'fp32'}"
+    return None, f"unknown ({name} not in the table; pass --peak-tflops)"
+
+
+def set_fp32_precision(tf32: bool) -> None:
+    precision = "tf32" if tf32 else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+def make_batches(args: argparse.Namespace, image_size: int, channels: int, device: str, count: int) -> list[torch.Tensor]:
+    """``count`` micro-batches in device memory: random in [-1, 1], or the first ones ``--store`` delivers."""
+    if args.store is None:
+        g = torch.Generator().manual_seed(args.seed)
+        return [(torch.rand(args.batch_size, channels, image_size, image_size, generator=g) * 2 - 1).to(device)
+                for _ in range(count)]
+    from itertools import islice
+
+    from brats_gan.data import SliceStream, iterate_batches
+
+    stream = SliceStream(args.store, batch_size=args.batch_size, image_size=image_size, cache="memory")
+    return [b.contiguous().to(device) for _, b in islice(iterate_batches(stream), count)]
+
+
+def cycle(batches: list[torch.Tensor]) -> Batches:
+    i = 0
+    while True:
+        yield Position(0, i), batches[i % len(batches)]
+        i += 1
+
+
+def time_interleaved(sides: dict[str, Callable[[], Any]], warmup: int, steps: int, device: str) -> dict[str, list[float]]:
+    """Seconds per call of each side; calls alternate A B B A ... so both see the same load."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    names = list(sides)
+    for _ in range(warmup):
+        for name in names:
+            sides[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            sync()
+            start = time.perf_counter()
+            sides[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def measure(args: argparse.Namespace, dtype_name: str, device: str) -> dict[str, Any]:
+    dtype = DTYPES[dtype_name]
+    config = load_deepspeed_config(None, args.preset, world_size=1)
+    config["train_micro_batch_size_per_gpu"] = args.batch_size
+    if dtype_name == "bf16":
+        config.update(bf16={"enabled": True}, data_types={"buffer_dtype": "bf16"})
+    adam = config["optimizer"]["params"]
+    model = get_config(args.preset)
+
+    trainer = deepspeed_trainer(args.preset, config, device, args.n_critic, args.batch_size, args.seed)
+    loop = TorchLoop(args.preset, adam, device, dtype, args.n_critic, trainer.t.gp_lambda, args.batch_size, args.seed)
+    data = make_batches(args, model.image_size, model.channels, device, 2 * args.n_critic)
+    ds_batches, torch_batches = cycle(data), cycle(data)
+    torch.manual_seed(args.seed + 1)
+    ds_critic = trainer.critic_step(data[0])
+    torch.manual_seed(args.seed + 1)
+    torch_critic = loop.critic_step(data[0])
+    step_difference = max(abs(a.item() - b.item()) for a, b in zip(ds_critic, torch_critic))
+    torch.manual_seed(args.seed + 2)
+    row = trainer.train_step(ds_batches)
+    torch.manual_seed(args.seed + 2)
+    values = loop.train_step(torch_batches)
+    iteration_difference = max(abs(row[k] - v) for k, v in zip(METRICS, values))
+    times = time_interleaved({"deepspeed": lambda: trainer.train_step(ds_batches),
+                              "torch": lambda: loop.train_step(torch_batches)},
+                             args.warmup - 1, args.steps, device)
+
+    images = args.batch_size * args.n_critic
+    ds_s, torch_s = statistics.median(times["deepspeed"]), statistics.median(times["torch"])
+    flop = flop_per_image(args.preset, adam, args.n_critic, trainer.t.gp_lambda, args.batch_size)
+    peak, peak_source = peak_tflops(device, dtype_name, args.tf32, args.peak_tflops)
+    result: dict[str, Any] = {
+        "dtype": dtype_name,
+        "deepspeed_optimizer": type(trainer.critic.optimizer).__name__,
+        "first_critic_step_max_loss_difference": step_difference,
+        "next_iteration_max_loss_difference": iteration_difference,
+        "deepspeed_step_s": round(ds_s, 5),
+        "torch_step_s": round(torch_s, 5),
+        "ratio": round(ds_s / torch_s, 3),
+        "deepspeed_best_s": round(min(times["deepspeed"]), 5),
+        "torch_best_s": round(min(times["torch"]), 5),
+        "ratio_best": round(min(times["deepspeed"]) / min(times["torch"]), 3),
+        "deepspeed_images_per_s": round(images / ds_s, 2),
+        "torch_images_per_s": round(images / torch_s, 2),
+        "gflop_per_image": round(flop / 1e9, 3),
+        "deepspeed_tflops": round(images / ds_s * flop / 1e12, 4),
+        "peak_tflops": peak,
+        "peak_source": peak_source,
+        "deepspeed_mfu": round(images / ds_s * flop / (peak * 1e12), 4) if peak else None,
+        "torch_mfu": round(images / torch_s * flop / (peak * 1e12), 4) if peak else None,
+        "deepspeed_times_s": [round(t, 5) for t in times["deepspeed"]],
+        "torch_times_s": [round(t, 5) for t in times["torch"]],
+    }
+    return result
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    """DeepSpeed logs and prints to file descriptor 1; with ``--json`` only the JSON line goes there."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    device = init_distributed(DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cuda = device.startswith("cuda")
+    if cuda:
+        set_fp32_precision(args.tf32)
+    slow = args.preset.startswith("paper") and not cuda
+    args.steps = args.steps if args.steps is not None else 4 if slow else 30
+    args.warmup = max(1, args.warmup if args.warmup is not None else 1 if slow else 5)
+    if args.batch_size is None:
+        args.batch_size = int(load_deepspeed_config(None, args.preset, 1)["train_micro_batch_size_per_gpu"])
+    dtypes = args.dtype or (["fp32", "bf16"] if cuda else ["fp32"])
+
+    load_start = os.getloadavg()
+    results = []
+    for dtype in dtypes:
+        results.append(measure(args, dtype, device))
+        if cuda:
+            torch.cuda.empty_cache()
+    summary = {
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "threads": torch.get_num_threads(),
+        "cores": len(os.sched_getaffinity(0)),
+        "batch_size": args.batch_size,
+        "n_critic": args.n_critic,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "data": args.store or "random",
+        "torch": torch.__version__,
+        "load_avg_start": [round(x, 2) for x in load_start],
+        "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+        "results": results,
+    }
+    dist.destroy_process_group()
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model preset")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
+                        help="one or more (default: fp32 on CPU, fp32 and bf16 on CUDA)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed iterations per side (default: 30; paper preset on CPU: 4)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed iterations per side first, at least 1 (default: 5; paper preset on CPU: 1), "
+                             "after the untimed critic step of the equality check")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="micro-batch (default: the preset's DeepSpeed recipe: 8 paper, 4 tiny)")
+    parser.add_argument("--n-critic", type=int, default=5, help="critic steps per iteration")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU intra-op threads (default: init_distributed's: this process's cores)")
+    parser.add_argument("--store", help="take the micro-batches from this slice store instead of random data")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (overrides the table)")
+    parser.add_argument("--tf32", action="store_true", help="CUDA fp32: allow TF32 (peak: the TF32 column)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    args = parser.parse_args()
+    with stdout_to_stderr(args.json):
+        summary = run(args)
+    results = summary["results"]
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print(f"{args.preset}: micro-batch {args.batch_size}, n_critic {args.n_critic}, {summary['device']}, "
+          f"{summary['threads']} thread(s), {args.steps} timed + {args.warmup} warm-up iterations per side, "
+          f"load average {summary['load_avg_start'][0]:.2f} -> {summary['load_avg_end'][0]:.2f}")
+    for r in results:
+        print(f"[{r['dtype']}] deepspeed ({r['deepspeed_optimizer']}): {r['deepspeed_step_s']:.4f} s/iteration "
+              f"({r['deepspeed_images_per_s']:.1f} images/s)")
+        print(f"[{r['dtype']}] torch                : {r['torch_step_s']:.4f} s/iteration "
+              f"({r['torch_images_per_s']:.1f} images/s)")
+        mfu = f", MFU {r['deepspeed_mfu']:.1%} (peak {r['peak_tflops']} TFLOP/s)" if r["deepspeed_mfu"] else ""
+        print(f"[{r['dtype']}] from the same weights and RNG state, losses differ by at most "
+              f"{r['first_critic_step_max_loss_difference']:.3g} (first critic step), "
+              f"{r['next_iteration_max_loss_difference']:.3g} (next iteration)")
+        print(f"[{r['dtype']}] ratio deepspeed/torch: {r['ratio']:.3f}  (target <= 1.10; of the fastest iterations: "
+              f"{r['ratio_best']:.3f}); "
+              f"{r['gflop_per_image']} GFLOP per image, {r['deepspeed_tflops']:.3f} TFLOP/s{mfu}")
+
+
+if __name__ == "__main__":
+    main()
