@@ -5,7 +5,9 @@ windows, ``cache="stream"``: read from the store, never cached in memory), micro
 DeepSpeed recipe, through ``iterate_batches`` with the trainer's loader settings (persistent workers,
 ``default_num_workers`` of one rank, no pinned memory on CPU). Each repeat starts a fresh loader,
 drains its first window (worker start-up, store opening) and then times ``--batches`` micro-batches
-delivered to the consuming process, which does nothing else with them.
+delivered to the consuming process, which does nothing else with them. They arrive as the trainer
+gets them: float16 as stored at 256x256, float32 area averages at 64x64 (``brats_gan.data``); the
+trainer converts where the batch lands, which this benchmark, like the ceiling, leaves out.
 
 Baseline (the ceiling): the same number of images read with plain Zarr, one process, sequentially,
 one whole shard (one subject, 48 slices) per read, decoded to float16 numpy arrays and nothing else.

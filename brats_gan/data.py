@@ -28,6 +28,14 @@ window. For a GAN whose critic sees ``n_critic`` batches per step that mixing is
 ``window_batches`` (memory: one window per worker) or lower ``run_length`` (reads get slower, and
 never below a chunk) for more.
 
+What a batch holds (its dtype is part of the contract): at store size (the paper's 256x256) the
+stored **float16** values themselves, exactly; when the model is smaller, **float32** area averages of
+them (computed from the float16 values in float32, as before). Consumers convert where the batch
+lands: ``Trainer.critic_step`` does ``real.to(device, dtype)``, ``Trainer.measure_swd`` ``.float()``;
+float16 -> float32 is exact, so the trainer trains on the same values as when the loader handed over
+float32, while a loader worker writes, and the training process maps and (on a GPU) pins, half the
+bytes: handing a 256x256 window over was the largest cost of the loader after the reads.
+
 Caching: with ``cache="auto"`` a store whose selected channels take at most ``AUTO_CACHE_MAX_BYTES``
 (256 MiB, float16 as stored; the poster's 720 slices are ~90 MiB) is read once, in one sequential
 pass, into memory on each rank; larger stores stream. ``"memory"`` and ``"stream"`` force either.
@@ -36,6 +44,7 @@ Both paths apply the same per-window transform, so they give identical batches.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -55,6 +64,7 @@ CACHE_MODES = ("auto", "memory", "stream")
 AUTO_CACHE_MAX_BYTES = 256 * 2**20
 DEFAULT_RUN_LENGTH = 8
 DEFAULT_WINDOW_BATCHES = 8
+DOWNSAMPLE_ROWS = 8
 
 Key = tuple[int, int]  # (epoch, window)
 
@@ -105,7 +115,8 @@ class SliceStream(Dataset):
     """This rank's micro-batches of a complete slice store, one shuffle window per item.
 
     ``stream[(epoch, w)]`` (or ``stream[w]`` after ``set_epoch(epoch)``) is window ``w`` of that epoch:
-    a float32 tensor ``(k * batch_size, 3, image_size, image_size)`` in [-1, 1], whose consecutive
+    a tensor ``(k * batch_size, 3, image_size, image_size)`` in [-1, 1] (float16 as stored at store size,
+    float32 when downsampled; see the module docstring), whose consecutive
     groups of ``batch_size`` rows are this rank's micro-batches. Items are pure functions of their key,
     so loader workers can be persistent and a run can restart anywhere; :func:`iterate_batches` turns
     the windows into an endless sequence of micro-batches from any :class:`Position`.
@@ -164,12 +175,17 @@ class SliceStream(Dataset):
         chunk_length = summary.chunks[0]
         shard_length = summary.shards[0] if summary.shards else n
         self.runs = plan_runs(n, shard_length, chunk_length, run_length)
+        self.dtype_np = np.dtype(summary.dtype)
+        self.dtype = torch.from_numpy(np.empty(0, dtype=self.dtype_np)).dtype
         self.cache_bytes = n * len(self.channel_index) * height * width * np.dtype(summary.dtype).itemsize
         self.cached = cache == "memory" or (cache == "auto" and self.cache_bytes <= AUTO_CACHE_MAX_BYTES)
         self.epoch = 0
         self._array: Any = None
+        self._rows32: torch.Tensor | None = None
         self._memory: np.ndarray | None = None
         self._pid: int | None = None
+        self._aio: tuple[asyncio.AbstractEventLoop, Any] | None = None
+        self._aio_pid: int | None = None
         self._share: tuple[int, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ the plan
@@ -214,24 +230,25 @@ class SliceStream(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_array"] = None
+        state["_array"] = state["_rows32"] = state["_aio"] = None
         return state
 
-    def _source(self) -> Any:
-        """What ``[a:b]`` reads rows from: the in-memory cache or this process's own Zarr handle."""
-        if self._memory is not None:
-            return self._memory
+    def _source(self) -> np.ndarray:
+        """The in-memory cache (``cached`` stores), read in one sequential pass on first use."""
+        if self._memory is None:
+            self._memory = self._select(self._zarr_image()[:])
+            self._array = None
+            log.info("cached %s in memory (%.0f MiB)", self.store, self._memory.nbytes / 2**20)
+        return self._memory
+
+    def _zarr_image(self) -> Any:
+        """This process's own synchronous Zarr handle on ``image``."""
         if self._array is None or self._pid != os.getpid():
             import zarr
 
             with schema.quiet_consolidated_warning():
                 self._array = zarr.open_group(self.store, mode="r")[schema.IMAGE]
             self._pid = os.getpid()
-        if self.cached:
-            self._memory = self._select(self._array[:])
-            self._array = None
-            log.info("cached %s in memory (%.0f MiB)", self.store, self._memory.nbytes / 2**20)
-            return self._memory
         return self._array
 
     def _select(self, rows: np.ndarray) -> np.ndarray:
@@ -239,43 +256,80 @@ class SliceStream(Dataset):
             return rows
         return rows[:, list(self.channel_index)]
 
-    def read(self, indices: np.ndarray) -> np.ndarray:
-        """Stored rows (float16, selected channels) for ``indices``, in that order, read as contiguous
-        runs; each run is copied once, straight to its places in the output."""
-        source = self._source()
+    def read(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Stored rows (float16, selected channels) for ``indices``, in that order, into ``out``
+        (allocated when not given). Rows are read as contiguous runs, one Zarr read each, and copied
+        once, straight to their places in ``out``."""
+        memory = self._source() if self.cached else None
+        if out is None:
+            out = np.empty((len(indices), len(self.channel_index), self.store_size, self.store_size),
+                           dtype=self.dtype_np)
         order = np.argsort(indices, kind="stable")
         ordered = indices[order]
         runs = np.split(ordered, np.flatnonzero(np.diff(ordered) != 1) + 1)
-        out: np.ndarray | None = None
-        done = 0
-        for run in runs:
-            rows = source[int(run[0]) : int(run[-1]) + 1]
-            if self._memory is None:
-                rows = self._select(rows)
-            if out is None:
-                out = np.empty((len(indices), *rows.shape[1:]), dtype=rows.dtype)
-            out[order[done : done + len(run)]] = rows
-            done += len(run)
+        bounds = [(int(run[0]), int(run[-1]) + 1) for run in runs]
+        places = np.split(order, np.cumsum([b - a for a, b in bounds])[:-1])
+        if memory is not None:
+            for (a, b), where in zip(bounds, places):
+                out[where] = memory[a:b]
+        else:
+            for where, rows in zip(places, self._read_runs(bounds)):
+                out[where] = self._select(rows)
         return out
 
-    def transform(self, rows: np.ndarray) -> torch.Tensor:
-        """float16 rows at store size -> float32 3-channel tensors at model size (area downsampling).
+    def _read_runs(self, bounds: list[tuple[int, int]]) -> list[np.ndarray]:
+        """The rows of every run at once, through zarr's asynchronous API, so that their chunk reads
+        and decodes overlap: a 64-sample window of 8 runs took 11 ms against 16 ms read run by run.
+        Only in a loader worker: elsewhere (the training process, which forks the workers and must not
+        hold an event loop's threads across the fork; a notebook with its own running loop) the runs
+        are read one by one through zarr's synchronous API."""
+        if get_worker_info() is None:
+            image = self._zarr_image()
+            return [image[a:b] for a, b in bounds]
+        loop, image = self._async_image()
+
+        async def gather() -> list[Any]:
+            return await asyncio.gather(*(image.getitem((slice(a, b),)) for a, b in bounds))
+
+        return loop.run_until_complete(gather())
+
+    def _async_image(self) -> tuple[asyncio.AbstractEventLoop, Any]:
+        """This process's own event loop and asynchronous handle on ``image`` (opened once per process:
+        a loader worker must not share its parent's)."""
+        if self._aio is None or self._aio_pid != os.getpid():
+            from zarr.api import asynchronous as zarr_async
+
+            async def open_image() -> Any:
+                group = await zarr_async.open_group(store=self.store, mode="r")
+                return await group.getitem(schema.IMAGE)
+
+            loop = asyncio.new_event_loop()
+            with schema.quiet_consolidated_warning():
+                self._aio = (loop, loop.run_until_complete(open_image()))
+            self._aio_pid = os.getpid()
+        return self._aio
+
+    def transform(self, rows: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Stored rows -> 3-channel tensors at model size: at store size the stored float16 values
+        themselves (no copy), smaller sizes float32 area averages of them.
 
         A single stored channel becomes three as an ``expand`` view: the copy happens where the
         batch lands (on the device), not three times over in the loader and its worker pipes.
-        At store size the float32 window is written once, in a loader worker straight into shared
-        memory (as torch's ``default_collate`` does), so that handing it to the training process
-        copies nothing more (~20% more images/s at 256x256 with one worker).
         """
-        x = torch.from_numpy(rows)
-        if self.image_size == self.store_size:
-            x = _window_tensor(x.shape).copy_(x)
-        else:
-            x = x.float()
-            if self.store_size % self.image_size == 0:
-                x = F.avg_pool2d(x, self.store_size // self.image_size)
-            else:
-                x = F.interpolate(x, size=(self.image_size, self.image_size), mode="area")
+        x = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows)
+        if self.image_size != self.store_size:
+            # A few rows at a time, so that the float32 copies stay small and in cache instead of one
+            # fresh window-sized buffer (16 MB at 64 samples of 256x256); each row's average is the same.
+            small = _window_tensor((x.shape[0], x.shape[1], self.image_size, self.image_size), torch.float32)
+            if self._rows32 is None or self._rows32.shape[1:] != x.shape[1:]:
+                self._rows32 = torch.empty((DOWNSAMPLE_ROWS, *x.shape[1:]))  # reused: no fresh pages per window
+            for i in range(0, x.shape[0], DOWNSAMPLE_ROWS):
+                part = self._rows32[: min(DOWNSAMPLE_ROWS, x.shape[0] - i)].copy_(x[i : i + DOWNSAMPLE_ROWS])
+                if self.store_size % self.image_size == 0:
+                    small[i : i + DOWNSAMPLE_ROWS] = F.avg_pool2d(part, self.store_size // self.image_size)
+                else:
+                    small[i : i + DOWNSAMPLE_ROWS] = F.interpolate(part, size=small.shape[2:], mode="area")
+            x = small
         return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
     def __len__(self) -> int:
@@ -285,15 +339,27 @@ class SliceStream(Dataset):
         epoch, window = key if isinstance(key, tuple) else (self.epoch, key)
         if not 0 <= window < self.windows_per_epoch:
             raise IndexError(f"window {window} of {self.windows_per_epoch}")
-        return self.transform(self.read(self.window_indices(epoch, window)))
+        indices = self.window_indices(epoch, window)
+        if self.image_size == self.store_size:
+            # Read straight into the window that is handed over (shared memory in a loader worker):
+            # the stored float16 rows are copied once, and the training process gets them as they are.
+            shape = (len(indices), len(self.channel_index), self.store_size, self.store_size)
+            window = _window_tensor(shape, self.dtype)
+            self.read(indices, out=window.numpy())
+            return self.transform(window)
+        return self.transform(self.read(indices))
 
 
-def _window_tensor(shape: Sequence[int]) -> torch.Tensor:
-    """An empty float32 tensor, in shared memory when built in a DataLoader worker."""
+def _window_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor, in shared memory when built in a DataLoader worker (as ``default_collate`` does),
+    so that handing it to the training process copies nothing more (pass on this tensor or views of
+    it: a tensor rebuilt from a numpy view of it is not recognised as shared and would be copied
+    again into fresh shared memory, which once cost a third of a worker's time)."""
     if get_worker_info() is None:
-        return torch.empty(tuple(shape))
-    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * 4)
-    return torch.empty(0).set_(storage).view(tuple(shape))
+        return torch.empty(tuple(shape), dtype=dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    storage = torch.UntypedStorage._new_shared(nbytes)
+    return torch.empty(0, dtype=dtype).set_(storage).view(tuple(shape))
 
 
 class _Windows(Sampler[Key]):

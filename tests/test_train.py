@@ -7,6 +7,7 @@ TORCH_EXTENSIONS_DIR); after that each two-rank launch of a few tiny steps takes
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import itertools
 import json
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from store_factory import sample_id, store_factory  # noqa: F401  (store_factory is a fixture)
 from training_runs import (
     LAUNCH_TIMEOUT,
@@ -63,10 +65,15 @@ def test_loader_delivers_the_planned_samples_from_any_position(store_factory) ->
     assert torch.equal(rng_before, torch.get_rng_state()), "the loader must not draw from the global RNG"
     assert stream.__getstate__()["_array"] is None, "workers open the store themselves"
     pickle.dumps(stream)
+    import zarr
+
+    stored = torch.from_numpy(zarr.open_group(str(store), mode="r")["image"][:])
     for position, batch in delivered:
-        assert batch.shape == (4, 3, 256, 256) and batch.dtype == torch.float32
+        # at store size the loader hands over the stored float16 values exactly (the trainer converts)
+        assert batch.shape == (4, 3, 256, 256) and batch.dtype == torch.float16
         ids = [sample_id(v) for v in batch[:, 0, 0, 0]]
         assert ids == stream.rank_share(position.epoch)[position.batch].tolist()
+        assert torch.equal(batch, stored[ids].expand(-1, 3, -1, -1))
     assert delivered[7][0] == Position(1, 0), "7 micro-batches per rank per epoch"
     restarted = list(itertools.islice(iterate_batches(stream, delivered[9][0]), 11))
     for (pa, a), (pb, b) in zip(delivered[9:], restarted):
@@ -81,13 +88,53 @@ def test_channels_downsampling_and_cache_agree(store_factory) -> None:  # noqa: 
     one = SliceStream(str(store), channels=["t1"], cache="stream", **kwargs)
     cached = SliceStream(str(store), channels=["t1"], cache="memory", **kwargs)
     a, b = one[(0, 0)], cached[(0, 0)]
-    assert a.shape == (16, 3, 64, 64) and torch.equal(a, b)
+    assert a.shape == (16, 3, 64, 64) and a.dtype == torch.float32 and torch.equal(a, b)
+    rows = torch.from_numpy(one.read(one.window_indices(0, 0))).float()
+    assert torch.equal(a, F.avg_pool2d(rows, 4).expand(-1, 3, -1, -1)), "area means of the stored values"
     assert torch.equal(a[:, 0], a[:, 2]), "one channel is repeated to three"
     assert a.min() >= -1 and a.max() <= 1
     with pytest.raises(schema.StoreError, match="one or three"):
         SliceStream(str(store), channels=["flair", "t1"], **kwargs)
     with pytest.raises(schema.StoreError, match="too few"):
         SliceStream(str(store), batch_size=8, image_size=64, world_size=3)
+
+
+def test_window_reads_match_zarr_with_channels_and_missing_shards_and_are_shared(store_factory, tmp_path: Path) -> None:  # noqa: F811
+    import zarr
+
+    store = tmp_path / "holes.zarr"
+    shutil.copytree(store_factory(subjects=3, slices=12, channels=("flair", "t1", "t2")), store)
+    shutil.rmtree(store / "image" / "c" / "1")  # shard 1 (samples 12-23) never written: the fill value
+    expected = zarr.open_group(str(store), mode="r")["image"][:][:, [2, 0]]
+    stream = SliceStream(str(store), channels=["t2", "flair", "flair"], batch_size=4, image_size=256,
+                         cache="stream")
+    picks = np.random.default_rng(0).permutation(36)[:29]  # runs of every length, across chunks and shards
+    got = stream.read(picks)
+    assert np.array_equal(got, expected[picks][:, [0, 1, 1]], equal_nan=True)
+
+    async def from_a_running_event_loop() -> np.ndarray:  # as in a notebook
+        return stream.read(picks)
+
+    assert np.array_equal(asyncio.run(from_a_running_event_loop()), got, equal_nan=True)
+    assert np.isnan(got[(picks >= 12) & (picks < 24)]).all() and not np.isnan(got[picks < 12]).any()
+    window = stream[(0, 0)]
+    assert window.dtype == torch.float16
+    assert np.array_equal(stream.read(stream.window_indices(0, 0)), window.numpy(), equal_nan=True)
+    # in a loader worker each window (256 and 64) is built in shared memory, so handing it over copies nothing
+    for size in (256, 64):
+        probe = _SharedProbe(SliceStream(str(store), batch_size=4, image_size=size, cache="stream"))
+        assert list(torch.utils.data.DataLoader(probe, batch_size=None, num_workers=1)) == [True]
+
+
+class _SharedProbe(torch.utils.data.Dataset):
+    def __init__(self, stream: SliceStream) -> None:
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int) -> bool:
+        return self.stream[(0, i)].untyped_storage().is_shared()
 
 
 # ------------------------------------------------------------------------------------------ configs
