@@ -20,6 +20,17 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "brats_gan", *args]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sweep_deepspeed_shm():
+    """Remove the /dev/shm all-reduce buffers of DeepSpeed runs this session killed with SIGKILL
+    (a finished run unlinks its own; see brats_gan.train.remove_shm_buffer)."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    yield
+    for leftover in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
+        leftover.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def dask_client():
     from distributed import Client, LocalCluster
@@ -62,6 +73,9 @@ def uninterrupted(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     """Two ranks on one node, 12 tiny steps, a checkpoint every 3: the reference the killed-and-resumed
     run (test_train.py) and the two-node run (test_multinode.py) must reproduce. Read-only."""
     run = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     proc = launch("--store", store, "--out", run, "--steps", str(UNINTERRUPTED_STEPS), *TINY)
     assert proc.returncode == 0, proc.output
+    leaked = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm_before
+    assert not leaked, f"a finished run must not leave DeepSpeed's shared memory behind: {leaked}"
     return run
