@@ -19,7 +19,7 @@ def dask_client(
     scheduler: str | None = None,
     dashboard_port: int = 8787,
     announce=print,
-) -> Iterator["distributed.Client"]:  # noqa: F821
+) -> Iterator[distributed.Client]:  # noqa: F821
     """Yield a connected client; a LocalCluster listens on 127.0.0.1 only and is shut down afterwards.
 
     Workers are single-threaded processes: decoding and numpy work per subject hold the GIL often

@@ -13,6 +13,7 @@ the poster's choices for comparison. The README section "The networks" gives the
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -114,7 +115,7 @@ _PAPER = ModelConfig()
 _TINY = dataclasses.replace(
     _PAPER, image_size=64, generator_widths=(64, 32, 16, 8), critic_widths=(8, 16, 32, 64)
 )
-_FAITHFUL_CRITIC = dict(critic_norm="batch", critic_activation="relu", critic_sigmoid=True, critic_noise_std=0.2)
+_FAITHFUL_CRITIC = {"critic_norm": "batch", "critic_activation": "relu", "critic_sigmoid": True, "critic_noise_std": 0.2}
 
 PRESETS: dict[str, ModelConfig] = {
     "paper": _PAPER,
@@ -226,7 +227,7 @@ class Generator(nn.Module):
         )
         widths = (*c.generator_widths, c.channels)
         self.up = nn.ModuleList()
-        for w_in, w_out in zip(widths[:-1], widths[1:]):
+        for w_in, w_out in itertools.pairwise(widths):
             if c.upsample == "transposed":
                 label, resize = _conv_label("T. Conv", 4), None
                 conv = nn.ConvTranspose2d(w_in, w_out, 4, stride=2, padding=1, bias=not batch_norm)

@@ -505,7 +505,7 @@ def _place_tumour(
         reach = max(min(rng.uniform(0.30, 0.55), 0.92 - 1.7 * radius / semi_min), 0.15)
         u, v, t = direction * reach
         centre = (cx + u * a, cy + v * b, zc + t * (cz[0] if t < 0 else cz[1]))
-        idx = [int(round(c)) for c in reversed(centre)]  # (z, y, x)
+        idx = [round(c) for c in reversed(centre)]  # (z, y, x)
         if all(0 <= c < s for c, s in zip(idx, zyx)):
             at = np.ravel_multi_index(idx, zyx)
             pos = np.searchsorted(flat, at)

@@ -97,7 +97,7 @@ def read_summary(path: str) -> StoreSummary:
         path=str(path),
         complete=bool(attrs.get("complete", False)),
         n_samples=int(image.shape[0]),
-        n_subjects=len(set(str(s) for s in subjects if s)),
+        n_subjects=len({str(s) for s in subjects if s}),
         channels=channels,
         image_shape=tuple(image.shape),
         chunks=tuple(image.chunks),
