@@ -289,7 +289,7 @@ def _worker_arrays(path: str, token: str):
     return image, group.require_group(schema.PROGRESS_GROUP)
 
 
-def write_subject(path: str, token: str, prepared: PreparedSubject, slot: int) -> tuple[str, str]:
+def write_subject(path: str, token: str, prepared: PreparedSubject, slot: int) -> None:
     """Write one subject's shard, then its completion marker (runs on the worker holding the pixels)."""
     image, progress = _worker_arrays(path, token)
     n = len(prepared.images)
@@ -304,7 +304,6 @@ def write_subject(path: str, token: str, prepared: PreparedSubject, slot: int) -
             "tumour_fraction": [None if np.isnan(f) else float(f) for f in prepared.tumour_fraction],
         },
     )
-    return "written", prepared.subject
 
 
 def store_subject(subject: Subject, config: PreprocessConfig, path: str, token: str, slot: int
@@ -326,7 +325,7 @@ def mark_skipped(path: str, subject: str, reason: str) -> None:
     )
 
 
-def finalize_store(path: str, config: PreprocessConfig, planned: list[str]) -> schema.StoreSummary:
+def finalize_store(path: str, config: PreprocessConfig, planned: list[str]) -> None:
     """Trim to the stored subjects, write coordinates, drop markers, consolidate, then mark complete."""
     markers = read_markers(path)
     stored = sorted((m["slot"], sid) for sid, m in markers.items() if m["status"] == "stored")
@@ -352,7 +351,6 @@ def finalize_store(path: str, config: PreprocessConfig, planned: list[str]) -> s
     group.attrs.update({"skipped": skipped, "n_subjects": len(ids)})
     del group[schema.PROGRESS_GROUP]
     seal_store(path)
-    return schema.read_summary(path)
 
 
 def seal_store(path: str) -> None:

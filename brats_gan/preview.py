@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,9 @@ def save_grid(images: np.ndarray, out: str | Path, columns: int | None = None) -
     columns = columns or int(np.ceil(np.sqrt(len(tiles))))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mosaic(tiles, columns)).save(out)
+    tmp = out.with_name(f".{out.name}.tmp.png")  # readers (TensorBoard, a browser) never see half a PNG
+    Image.fromarray(mosaic(tiles, columns)).save(tmp)
+    os.replace(tmp, out)
     return out
 
 

@@ -64,6 +64,7 @@ from brats_gan.data import (
     iterate_batches,
 )
 from brats_gan.models import build_models, get_config
+from brats_gan.preview import save_grid
 
 log = logging.getLogger(__name__)
 
@@ -562,26 +563,6 @@ def seed_rank(seed: int, rank: int) -> None:
     random.seed(rank_seed)
 
 
-def image_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> None:
-    """Save images ``(N, C, H, W)`` in [-1, 1] as one PNG mosaic (2-pixel black gutters)."""
-    from PIL import Image
-
-    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().cpu().numpy()
-    n, c, h, w = x.shape
-    cols = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    pad = 2
-    canvas = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        tile = np.repeat(x[i], 3, axis=0) if c == 1 else x[i, :3]
-        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = \
-            tile.transpose(1, 2, 0)
-    tmp = Path(path).with_suffix(".tmp.png")
-    Image.fromarray(canvas).save(tmp)
-    os.replace(tmp, path)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file, fsync, and rename: readers see the old or the new content, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -880,31 +861,25 @@ class Trainer:
         if self._swd_real is None:
             picks = np.linspace(0, self.stream.n_samples - 1, self.swd_images).round().astype(np.int64)
             self._swd_real = self.stream.transform(self.stream.read(picks)).float()
-        module = self.generator.module
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            module.eval()
-            try:
-                fake = torch.cat([module(z.to(self.device, self.dtype)).float().cpu()
-                                  for z in self.swd_noise.split(64)])
-            finally:
-                module.train()
+        fake = self.generate(self.swd_noise)
         return float(swd_distance(self._swd_real, fake, seed=self.t.seed)["mean"])
 
-    def sample_grid(self) -> None:
-        """The generator (eval mode) on the fixed noise batch -> ``RUN/samples/step_<step>.png`` (rank 0).
-        Runs under a forked RNG so that drawing samples never changes the training's random stream."""
-        if not self.is_main:
-            return
+    def generate(self, noise: torch.Tensor, batch: int = 64) -> torch.Tensor:
+        """The generator's images for ``noise`` (float32, on the CPU), in eval mode and under a forked
+        RNG, so that drawing samples or measuring them never changes the training's random stream."""
         module = self.generator.module
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             module.eval()
             try:
-                images = module(self.fixed_noise.to(self.device, self.dtype))
+                return torch.cat([module(z.to(self.device, self.dtype)).float().cpu() for z in noise.split(batch)])
             finally:
                 module.train()
-        image_grid(images, self.run_dir / "samples" / f"step_{self.step:07d}.png")
+
+    def sample_grid(self) -> None:
+        """The generator on the fixed noise batch -> ``RUN/samples/step_<step>.png`` (rank 0)."""
+        if self.is_main:
+            save_grid(self.generate(self.fixed_noise).numpy(), self.run_dir / "samples" / f"step_{self.step:07d}.png")
 
 
 class MetricsLog:
