@@ -63,6 +63,11 @@ class Checkpoint:
     training_store: str | None
 
     @property
+    def reduced(self) -> bool:
+        """Trained on one modality repeated to the generator's 3 channels: store their mean as that one."""
+        return len(self.channels) != self.model.channels
+
+    @property
     def weights(self) -> Path:
         return weights_path(self.run, self.step)
 
@@ -193,14 +198,13 @@ def synthesise(generator: Generator, checkpoint: Checkpoint, num: int, seed: int
     """``(start, images)`` per shard: float16 ``(n, channels, S, S)`` in [-1, 1] as stored."""
     import torch
 
-    reduce = len(checkpoint.channels) != checkpoint.model.channels
     with torch.inference_mode():
         for shard, start in enumerate(range(0, num, SHARD)):
             noise = shard_noise(seed, shard, checkpoint.model.latent_dim)[: min(SHARD, num - start)]
             parts = []
             for z in noise.split(batch_size):
                 out = generator(z.to(device)).float()
-                parts.append((out.mean(1, keepdim=True) if reduce else out).clamp_(-1, 1).cpu())
+                parts.append((out.mean(1, keepdim=True) if checkpoint.reduced else out).clamp_(-1, 1).cpu())
             yield start, torch.cat(parts).numpy().astype(np.float16)
 
 
@@ -261,7 +265,6 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
     if out.exists():
         shutil.rmtree(out)
     size = checkpoint.model.image_size
-    reduced = len(checkpoint.channels) != checkpoint.model.channels
     write_skeleton(
         str(out),
         channels=checkpoint.channels,
@@ -280,7 +283,7 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
                 "num": num,
                 "seed": seed,
                 "channel_reduction": f"mean of the generator's {checkpoint.model.channels} channels"
-                                     if reduced else None,
+                                     if checkpoint.reduced else None,
                 "latent_dim": checkpoint.model.latent_dim,
                 "noise": f"standard normal, per shard of {SHARD} from SeedSequence([seed, shard])",
             },
@@ -299,7 +302,7 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
     with bar:
         for start, images in synthesise(generator, checkpoint, num, seed, batch_size, device):
             image[start : start + len(images)] = images
-            if start < GRID_MAX:
+            if grid is not None and start < GRID_MAX:
                 shown.append(images[: GRID_MAX - start])
             bar.update(len(images))
     seal_store(str(out))

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 from store_factory import store_factory  # noqa: F401  (a fixture the ones below use)
-from training_runs import TINY, UNINTERRUPTED_STEPS, launch
+from training_runs import REPO, TINY, UNINTERRUPTED_STEPS, launch
 
-REPO = Path(__file__).resolve().parents[1]
 REAL_CASE = REPO.parent / "shared/data/brats2023-sample"
 
 

@@ -1,9 +1,8 @@
 import subprocess
 
 import xarray as xr
+from conftest import cli
 from PIL import Image
-
-from tests.conftest import cli
 
 
 def test_demo_runs_every_stage_and_replaces_only_its_own_folder(tmp_path):

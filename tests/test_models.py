@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
+from conftest import cli
 
 from brats_gan.cli import main as cli_main
 from brats_gan.models import (
@@ -218,17 +218,17 @@ def test_tiny_preset_is_fast_enough_for_cpu_tests():
     assert best < 0.5, f"tiny forward+backward of 8 took {best * 1000:.0f} ms"
 
 
-def test_cli_prints_both_tables_with_totals(capsys):
+def test_cli_prints_both_tables_with_totals(capsys, paper_models):
     assert cli_main(["models", "--preset", "paper"]) == 0
     out = capsys.readouterr().out
     assert "1024 × 4 × 4" in out and "3 × 256 × 256" in out and "T. Conv 4 × 4" in out
-    generator, critic = build_models("paper")
+    generator, critic = paper_models
     assert f"{count_parameters(generator):,}" in out and f"{count_parameters(critic):,}" in out
 
 
 def test_cli_json_has_the_documented_form():
     result = subprocess.run(
-        [sys.executable, "-m", "brats_gan", "models", "--preset", "paper", "--json"],
+        cli("models", "--preset", "paper", "--json"),
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -242,7 +242,7 @@ def test_cli_json_has_the_documented_form():
 
 def test_cli_unknown_preset_exits_2_with_the_presets():
     result = subprocess.run(
-        [sys.executable, "-m", "brats_gan", "models", "--preset", "huge"],
+        cli("models", "--preset", "huge"),
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2

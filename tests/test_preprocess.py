@@ -17,10 +17,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import zarr
+from conftest import cli
 
 from brats_gan.discover import discover_subjects
 from brats_gan.preprocess import PreprocessConfig, run_preprocess
-from tests.conftest import cli
 
 READ_WITHOUT_BRATS_GAN = r"""
 import json, sys, warnings
