@@ -6,7 +6,8 @@ checkpoint, and `brats-gan evaluate` compares them with held-out phantom subject
 side: SWD beside its real-vs-real floor, the checkerboard score (synthetic, and the real set's),
 MS-SSIM diversity, and the memorisation share (training store given).
 
-Baseline: the poster's setting, ``tiny`` (transposed convolutions) without augmentation. Runs go two
+Baseline: the poster's setting, ``tiny`` (transposed convolutions) without augmentation; ``resize``
+is ``tiny-resize`` (nearest), ``resize-bilinear`` the same with ``--resize-mode bilinear``. Runs go two
 at a time, one thread each (2-core machine); ``--json`` prints one JSON line.
 """
 
@@ -21,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = [("tiny", "none"), ("tiny-resize", "none"), ("tiny", "translation,cutout"),
-            ("tiny-resize", "translation,cutout")]
+AUGMENTS = ("none", "translation,cutout")
+UPSAMPLES = {"transposed": ("tiny", "nearest"), "resize": ("tiny-resize", "nearest"),
+             "resize-bilinear": ("tiny-resize", "bilinear")}
 
 
 def brats_gan(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -58,6 +60,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="slices generated per variant (default 256)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parallel", type=int, default=2, help="variants trained at once (default 2)")
+    parser.add_argument("--upsample", default="transposed,resize",
+                        help=f"generators compared, comma-separated from {','.join(UPSAMPLES)} "
+                             "(default transposed,resize)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the stores and runs in this folder")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()
@@ -67,20 +72,26 @@ def main() -> None:
     started = time.perf_counter()
     train, heldout = make_stores(root, args.train_subjects, args.heldout_subjects)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    variants = [(upsample, augment) for augment in AUGMENTS for upsample in args.upsample.split(",")]
+    unknown = {u for u, _ in variants} - set(UPSAMPLES)
+    if unknown:
+        parser.error(f"--upsample: unknown {', '.join(sorted(unknown))}; known: {', '.join(UPSAMPLES)}")
     runs = {}
-    for first in range(0, len(VARIANTS), args.parallel):
+    for first in range(0, len(variants), args.parallel):
         procs = {}
-        for preset, augment in VARIANTS[first:first + args.parallel]:
-            run = root / f"{preset}-{augment.replace(',', '+')}"
-            runs[(preset, augment)] = run
+        for upsample, augment in variants[first:first + args.parallel]:
+            preset, mode = UPSAMPLES[upsample]
+            run = root / f"{upsample}-{augment.replace(',', '+')}"
+            runs[(upsample, augment)] = run
             procs[run] = brats_gan("train", "--store", str(train), "--out", str(run), "--preset", preset,
+                                   "--resize-mode", mode,
                                    "--augment", augment, "--steps", str(args.steps), "--seed", str(args.seed),
                                    "--checkpoint-every", str(max(1, args.steps // 4)), "--num-workers", "0",
                                    env=env)
         for proc in procs.values():
             finish(proc)
     rows = []
-    for (preset, augment), run in runs.items():
+    for (upsample, augment), run in runs.items():
         fake = run.with_suffix(".zarr")
         finish(brats_gan("generate", "--checkpoint", str(run), "--out", str(fake), "--num", str(args.images),
                          "--seed", str(args.seed), "--grid", str(run.with_suffix(".png")), env=env))
@@ -88,7 +99,7 @@ def main() -> None:
                                              str(train), "--json", "--seed", str(args.seed),
                                              "--metrics", "swd,checkerboard,ms_ssim,memorisation", env=env)
                                    ).strip().splitlines()[-1])
-        rows.append({"preset": preset, "augment": augment, "steps": args.steps,
+        rows.append({"upsample": upsample, "augment": augment, "steps": args.steps,
                      **{k: report.get(k) for k in ("swd", "swd_floor", "checkerboard", "checkerboard_real",
                                                    "ms_ssim_fake", "ms_ssim_real", "memorisation_share")}})
     result = {"rows": rows, "seconds": round(time.perf_counter() - started, 1), "folder": str(root)}
@@ -97,11 +108,11 @@ def main() -> None:
         return
     print(f"{args.steps} steps per variant, {args.images} generated slices vs {args.heldout_subjects} held-out "
           f"subjects; runs in {root}")
-    head = f"{'preset':<12} {'augment':<19} {'SWD':>7} {'floor':>7} {'checker':>8} {'real':>6} " \
+    head = f"{'upsample':<16} {'augment':<19} {'SWD':>7} {'floor':>7} {'checker':>8} {'real':>6} " \
            f"{'MS-SSIM':>8} {'real':>6} {'memorised':>9}"
     print(head)
     for r in rows:
-        print(f"{r['preset']:<12} {r['augment']:<19} {r['swd']:7.1f} {r['swd_floor']:7.1f} {r['checkerboard']:8.2f} "
+        print(f"{r['upsample']:<16} {r['augment']:<19} {r['swd']:7.1f} {r['swd_floor']:7.1f} {r['checkerboard']:8.2f} "
               f"{r['checkerboard_real']:6.2f} {r['ms_ssim_fake']:8.3f} {r['ms_ssim_real']:6.3f} "
               f"{r['memorisation_share']:9.3f}")
     print(f"({result['seconds']} s)")

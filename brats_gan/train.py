@@ -63,7 +63,7 @@ from brats_gan.data import (
     default_num_workers,
     iterate_batches,
 )
-from brats_gan.models import build_models, get_config
+from brats_gan.models import RESIZE_MODES, UPSAMPLES, ModelConfig, build_models, get_config
 from brats_gan.preview import save_grid
 
 log = logging.getLogger(__name__)
@@ -139,12 +139,20 @@ class TrainingConfig:
     gp_lambda: float = 10.0
     clip_value: float = 0.01
     augment: tuple[str, ...] = ("translation", "cutout")  # DiffAugment (brats_gan.augment); () = none
+    upsample: str | None = None  # None: the preset's
+    resize_mode: str | None = None  # None: the preset's
     deepspeed_config: str | None = None
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     @property
     def micro_batch(self) -> int:
         return int(self.deepspeed["train_micro_batch_size_per_gpu"])
+
+    @property
+    def model(self) -> ModelConfig:
+        """The preset's networks, with the generator's upsampling as given on the command line."""
+        given = {name: value for name in ("upsample", "resize_mode") if (value := getattr(self, name)) is not None}
+        return dataclasses.replace(get_config(self.preset), **given)
 
 
 @dataclass(frozen=True)
@@ -179,7 +187,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--preset": ("training", "preset"), "--steps": ("training", "steps"), "--seed": ("training", "seed"),
     "--loss": ("training", "loss"), "--n-critic": ("training", "n_critic"),
     "--gp-lambda": ("training", "gp_lambda"), "--clip-value": ("training", "clip_value"),
-    "--augment": ("training", "augment"),
+    "--augment": ("training", "augment"), "--upsample": ("training", "upsample"),
+    "--resize-mode": ("training", "resize_mode"),
     "--deepspeed-config": ("training", "deepspeed_config"),
     "--out": ("checkpoint", "out"), "--checkpoint-every": ("checkpoint", "every"),
     "--keep-checkpoints": ("checkpoint", "keep"), "--sample-every": ("checkpoint", "sample_every"),
@@ -202,6 +211,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--preset", help=f"model preset (default {t.preset}; see `brats-gan models`)")
     run.add_argument("--steps", type=int, help=f"generator steps to reach in total (default {t.steps})")
     run.add_argument("--seed", type=int, help=f"seed of weights, noise and data order (default {t.seed})")
+    run.add_argument("--upsample", choices=UPSAMPLES,
+                     help="the generator's upsampling: transposed 4x4 convolutions (the poster's grid effect) or "
+                          "resize then 3x3 convolution (Odena et al. 2016) (default: the preset's)")
+    run.add_argument("--resize-mode", choices=RESIZE_MODES,
+                     help="interpolation of --upsample resize (default: the preset's, nearest)")
     run.add_argument("--deepspeed-config", metavar="JSON",
                      help="DeepSpeed config for both engines (default: the paper's recipe; the tiny presets "
                           "use deepspeed_configs/tiny.json's micro-batch of 4)")
@@ -285,6 +299,10 @@ def validate(options: Options) -> None:
         get_config(t.preset)
     except ValueError as err:
         raise ConfigError(f"--preset (training.preset): {err}") from None
+    try:
+        t.model
+    except ValueError as err:
+        raise ConfigError(f"--upsample/--resize-mode (training.upsample/resize_mode): {err}") from None
     ds = t.deepspeed
     if t.loss == "wgan-clip" and (ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")):
         raise ConfigError("--loss wgan-clip clips the fp32 weights the optimizer owns only in fp32; "
@@ -614,7 +632,7 @@ class Trainer:
         self.t, self.c = options.training, options.checkpoint
         self.run_dir = Path(self.c.out)
         self.is_main = env.rank == 0
-        self.model_config = get_config(self.t.preset)
+        self.model_config = self.t.model
 
         torch.manual_seed(self.t.seed)
         generator, critic = build_models(self.model_config)
@@ -943,7 +961,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         stream = SliceStream(
             options.data.store, batch_size=options.training.micro_batch,
-            image_size=get_config(options.training.preset).image_size,
+            image_size=options.training.model.image_size,
             rank=env.rank, world_size=env.world_size, seed=options.training.seed,
             channels=options.data.channels, cache=options.data.cache,
             run_length=options.data.run_length, window_batches=options.data.window_batches,

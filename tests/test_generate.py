@@ -25,6 +25,7 @@ from PIL import Image
 from brats_gan.cli import main as cli_main
 from brats_gan.discover import discover_subjects
 from brats_gan.preprocess import PreprocessConfig, run_preprocess
+from brats_gan.generate import find_checkpoint, weights_path
 from brats_gan.train import read_latest
 
 MODALITIES = ("flair", "t1ce", "t2")
@@ -70,12 +71,14 @@ def real_store(phantoms_2020: Path, dask_client, tmp_path_factory: pytest.TempPa
 
 @pytest.fixture(scope="module")
 def runs(real_store: Path) -> dict[str, Path]:
-    """``flair``: trained on flair repeated to 3 channels; ``three``: on flair, t1ce and t2."""
+    """``flair``: trained on flair repeated to 3 channels; ``three``: on flair, t1ce and t2, with the
+    tiny preset's upsampling changed to bilinear resize on the command line."""
     root = real_store.parent
     common = ["--store", str(real_store), "--preset", "tiny", "--seed", "0", "--checkpoint-every", "2",
               "--sample-every", "0"]
     plans = {"flair": ["--out", str(root / "flair"), "--steps", "4", "--channels", "flair"],
-             "three": ["--out", str(root / "three"), "--steps", "2"]}
+             "three": ["--out", str(root / "three"), "--steps", "2", "--upsample", "resize",
+                       "--resize-mode", "bilinear"]}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two runs share the cores; more threads only stall
     procs = {name: subprocess.Popen(cli("train", *common, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, env=env) for name, args in plans.items()}
@@ -132,6 +135,20 @@ def test_a_hundred_images_in_the_real_stores_schema_read_without_brats_gan(
     assert cli_main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["synthetic"] is True and info["complete"] is True and info["samples"] == 100
+
+
+def test_the_upsampling_given_to_train_is_the_one_generate_rebuilds(runs: dict[str, Path]) -> None:
+    import torch
+
+    shapes = {}
+    for name, run in runs.items():
+        checkpoint = find_checkpoint(run)
+        shapes[name] = {tuple(w.shape[-2:]) for k, w in torch.load(weights_path(run, checkpoint.step),
+                                                                     weights_only=True)["module"].items()
+                        if k.startswith("up.") and w.ndim == 4}
+        shapes[name, "model"] = (checkpoint.model.upsample, checkpoint.model.resize_mode)
+    assert shapes["flair"] == {(4, 4)} and shapes["flair", "model"] == ("transposed", "nearest")
+    assert shapes["three"] == {(3, 3)} and shapes["three", "model"] == ("resize", "bilinear")
 
 
 def test_one_repeated_modality_is_stored_as_the_mean_of_the_generators_three_channels(
