@@ -181,7 +181,6 @@ class SliceStream(Dataset):
         self.cached = cache == "memory" or (cache == "auto" and self.cache_bytes <= AUTO_CACHE_MAX_BYTES)
         self.epoch = 0
         self._array: Any = None
-        self._rows32: torch.Tensor | None = None
         self._memory: np.ndarray | None = None
         self._pid: int | None = None
         self._aio: tuple[asyncio.AbstractEventLoop, Any] | None = None
@@ -230,7 +229,7 @@ class SliceStream(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_array"] = state["_rows32"] = state["_aio"] = None
+        state["_array"] = state["_aio"] = None
         return state
 
     def _source(self) -> np.ndarray:
@@ -318,18 +317,8 @@ class SliceStream(Dataset):
         """
         x = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows)
         if self.image_size != self.store_size:
-            # A few rows at a time, so that the float32 copies stay small and in cache instead of one
-            # fresh window-sized buffer (16 MB at 64 samples of 256x256); each row's average is the same.
-            small = _window_tensor((x.shape[0], x.shape[1], self.image_size, self.image_size), torch.float32)
-            if self._rows32 is None or self._rows32.shape[1:] != x.shape[1:]:
-                self._rows32 = torch.empty((DOWNSAMPLE_ROWS, *x.shape[1:]))  # reused: no fresh pages per window
-            for i in range(0, x.shape[0], DOWNSAMPLE_ROWS):
-                part = self._rows32[: min(DOWNSAMPLE_ROWS, x.shape[0] - i)].copy_(x[i : i + DOWNSAMPLE_ROWS])
-                if self.store_size % self.image_size == 0:
-                    small[i : i + DOWNSAMPLE_ROWS] = F.avg_pool2d(part, self.store_size // self.image_size)
-                else:
-                    small[i : i + DOWNSAMPLE_ROWS] = F.interpolate(part, size=small.shape[2:], mode="area")
-            x = small
+            x = area_downsample(x, self.image_size,
+                                out=_window_tensor((*x.shape[:2], self.image_size, self.image_size), torch.float32))
         return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
     def __len__(self) -> int:
@@ -348,6 +337,28 @@ class SliceStream(Dataset):
             self.read(indices, out=window.numpy())
             return self.transform(window)
         return self.transform(self.read(indices))
+
+
+def area_downsample(images: np.ndarray | torch.Tensor, size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 images at ``size`` x ``size``, box averages of the input (a pooling when the sizes divide):
+    the resampling that adds no grid, for the loader when the model is smaller than the store and for
+    evaluate when two stores differ. A few rows at a time, so the float32 copies stay small and in cache
+    instead of one window-sized buffer (16 MB at 64 samples of 256x256)."""
+    x = torch.as_tensor(images)
+    side = x.shape[-1]
+    if side == size and out is None:
+        return x.float()
+    if out is None:
+        out = torch.empty((*x.shape[:-2], size, size), dtype=torch.float32)
+    for i in range(0, x.shape[0], DOWNSAMPLE_ROWS):
+        part = x[i : i + DOWNSAMPLE_ROWS].float()
+        if side == size:
+            out[i : i + DOWNSAMPLE_ROWS] = part
+        elif side % size == 0:
+            out[i : i + DOWNSAMPLE_ROWS] = F.avg_pool2d(part, side // size)
+        else:
+            out[i : i + DOWNSAMPLE_ROWS] = F.interpolate(part, size=(size, size), mode="area")
+    return out
 
 
 def _window_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,19 +89,13 @@ def _check_channels(summaries: dict[str, Any], notes: list[str]) -> None:
                      "compared in stored order")
 
 
-def _check_train(summaries: dict[str, Any]) -> None:
+def _check_train(summaries: dict[str, Any], stores: dict[str, Any]) -> None:
     """--real must be held-out data when --train is given, or the memorisation threshold is meaningless."""
-    import zarr
-
-    real, train = summaries["real"], summaries["train"]
-    if Path(real.path).resolve() == Path(train.path).resolve():
+    real, train = stores["real"], stores["train"]
+    if Path(summaries["real"].path).resolve() == Path(summaries["train"].path).resolve():
         raise CommandError("--real and --train are the same store: with --train, --real must be held-out real "
                            "slices (subjects the generator never saw)")
-
-    def subjects(path: str) -> set[str]:
-        return {str(s) for s in zarr.open_group(path, mode="r")["subject"][:]}
-
-    shared = subjects(real.path) & subjects(train.path)
+    shared = set(real.subject.values.tolist()) & set(train.subject.values.tolist())
     if shared:
         raise CommandError(f"--real shares {len(shared)} subject(s) with --train (e.g. {min(shared)}): "
                            "with --train, --real must be held-out subjects")
@@ -120,27 +115,39 @@ def _metric_names(args: argparse.Namespace) -> list[str]:
 # reading
 
 
-def load_set(summary: Any, size: int, max_images: int | None, rng: np.random.Generator, desc: str) -> Any:
-    """Up to ``max_images`` slices chosen at random (all when None), area-downsampled to ``size``, float32."""
-    import zarr
+def open_store(path: str) -> Any:
+    """The store as any xarray user opens it: pixels lazy, the per-sample coordinates read once (subjects as
+    Python strings: numpy's variable-length StringDType does not cast to the fixed-width one)."""
+    import xarray as xr
 
-    from brats_gan.metrics import ImageSet, area_resize, progress
+    from brats_gan.schema import quiet_consolidated_warning
 
-    group = zarr.open_group(summary.path, mode="r")
-    n = summary.n_samples
-    picked = max_images is not None and n > max_images
-    indices = np.sort(rng.choice(n, max_images, replace=False)) if picked else np.arange(n)
-    image = group["image"]
-    out = np.empty((len(indices), image.shape[1], size, size), dtype=np.float32)
+    with quiet_consolidated_warning():
+        ds = xr.open_zarr(path)
+    return ds.assign_coords(subject=ds.subject.compute().astype(object), slice_index=ds.slice_index.compute())
+
+
+def draw(n: int, max_images: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Sorted positions of up to ``max_images`` of ``n`` slices, at random (all when None or n is smaller)."""
+    if max_images is None or n <= max_images:
+        return np.arange(n)
+    return np.sort(rng.choice(n, max_images, replace=False))
+
+
+def load_set(path: str, store: Any, indices: np.ndarray, size: int, desc: str) -> Any:
+    """The slices at ``indices`` of an :func:`open_store` dataset, area-downsampled to ``size``, float32."""
+    from brats_gan.data import area_downsample
+    from brats_gan.metrics import ImageSet, progress
+
+    picked = store.isel(sample=indices)
+    out = np.empty((len(indices), picked.sizes["channel"], size, size), dtype=np.float32)
     for start in progress(range(0, len(indices), READ_BATCH), f"reading {desc}"):
-        part = indices[start:start + READ_BATCH]
-        rows = image[int(part[0]):int(part[-1]) + 1] if not picked else image.oindex[part]
-        out[start:start + len(part)] = area_resize(np.asarray(rows), size).numpy()
+        rows = picked.image[start:start + READ_BATCH].values
+        out[start:start + len(rows)] = area_downsample(rows, size).numpy()
     return ImageSet(
-        path=summary.path, images=out, indices=indices,
-        subjects=np.array([str(s) for s in group["subject"][:]], dtype=object)[indices],
-        slice_index=np.asarray(group["slice_index"][:])[indices],
-        channels=summary.channels,
+        path=path, images=out, indices=indices,
+        subjects=picked.subject.values, slice_index=picked.slice_index.values,
+        channels=tuple(str(c) for c in store.channel.values),
     )
 
 
@@ -179,13 +186,27 @@ def _format_table(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _check_args(args: argparse.Namespace, names: list[str], notes: list[str]) -> dict[str, Any]:
-    """Every refusal that needs no pixels; returns the stores' summaries."""
+@dataclass
+class Source:
+    """One store of the command line: its summary, its xarray dataset and the positions of the slices drawn."""
+
+    summary: Any
+    store: Any
+    indices: np.ndarray
+
+    @property
+    def subjects(self) -> np.ndarray:
+        return self.store.subject.values[self.indices]
+
+
+def _check_args(args: argparse.Namespace, names: list[str], notes: list[str]) -> dict[str, Source]:
+    """Every refusal that needs no pixels; returns the stores and the slices drawn from each."""
     from brats_gan.metrics import (
         SWD_MIN_IMAGES,
         MetricUnavailable,
         check_inception_weights,
         check_torchvision,
+        swd_images_per_side,
     )
 
     try:
@@ -196,10 +217,17 @@ def _check_args(args: argparse.Namespace, names: list[str], notes: list[str]) ->
         raise CommandError(f"--max-images must be at least {2 * SWD_MIN_IMAGES} (two real halves for the SWD floor)")
     summaries = _summaries(args)
     _check_channels(summaries, notes)
-    if "train" in summaries:
-        _check_train(summaries)
-    if "swd" in names and min(_drawn(summaries["real"], args) // 2, _drawn(summaries["fake"], args)) < SWD_MIN_IMAGES:
-        raise CommandError(_too_few(summaries, args))
+    rng = np.random.default_rng(args.seed)
+    sources = {role: Source(s, open_store(s.path), np.empty(0, dtype=int)) for role, s in summaries.items()}
+    for role, source in sources.items():
+        source.indices = draw(source.summary.n_samples, None if role == "train" else args.max_images, rng)
+    if "train" in sources:
+        _check_train(summaries, {role: s.store for role, s in sources.items()})
+    real, fake = sources["real"], sources["fake"]
+    if "swd" in names and swd_images_per_side(real.subjects, len(fake.indices), args.seed) < SWD_MIN_IMAGES:
+        raise CommandError(f"too few slices for the SWD floor: {len(real.indices)} real and {len(fake.indices)} "
+                           "synthetic; it needs two disjoint real halves (whole subjects each) of at least "
+                           f"{SWD_MIN_IMAGES} slices and {SWD_MIN_IMAGES} synthetic")
     if args.inception_weights and "inception" in names:
         try:
             warning = check_inception_weights(args.inception_weights)
@@ -212,54 +240,32 @@ def _check_args(args: argparse.Namespace, names: list[str], notes: list[str]) ->
         notes.append(f"--real {summaries['real'].path} is not marked as real data (attribute synthetic is not false)")
     if not summaries["fake"].attrs.get("synthetic"):
         notes.append(f"--fake {summaries['fake'].path} is not marked synthetic")
-    return summaries
+    return sources
 
 
-def _drawn(summary: Any, args: argparse.Namespace) -> int:
-    return min(summary.n_samples, args.max_images)
-
-
-def _too_few(summaries: dict[str, Any], args: argparse.Namespace) -> str:
-    from brats_gan.metrics import SWD_MIN_IMAGES
-
-    return (f"too few slices for the SWD floor: {_drawn(summaries['real'], args)} real and "
-            f"{_drawn(summaries['fake'], args)} synthetic; it needs two disjoint real halves (whole subjects "
-            f"each) of at least {SWD_MIN_IMAGES} slices and {SWD_MIN_IMAGES} synthetic")
-
-
-def _load(args: argparse.Namespace, names: list[str], summaries: dict[str, Any], notes: list[str]) -> Any:
+def _load(names: list[str], sources: dict[str, Source], args: argparse.Namespace, notes: list[str]) -> Any:
     """The slices every metric sees: real and fake at the smaller store's size, train at 64 px at most."""
-    from brats_gan.metrics import (
-        MEMORISATION_SIZE,
-        SWD_MIN_IMAGES,
-        EvalData,
-        swd_images_per_side,
-    )
+    from brats_gan.metrics import MEMORISATION_SIZE, EvalData
 
-    real_s, fake_s = summaries["real"], summaries["fake"]
-    size = min(real_s.image_shape[-1], fake_s.image_shape[-1])
-    for role, s in (("real", real_s), ("fake", fake_s)):
+    size = min(sources["real"].summary.image_shape[-1], sources["fake"].summary.image_shape[-1])
+    for role in ("real", "fake"):
+        s, drawn = sources[role].summary, len(sources[role].indices)
         if s.image_shape[-1] > size:
             notes.append(f"--{role} slices are {s.image_shape[-1]} px: area-downsampled to {size} px to match")
-        if _drawn(s, args) < s.n_samples:
-            notes.append(f"--{role}: {_drawn(s, args)} of {s.n_samples} slices drawn at random (--max-images, --seed)")
-    rng = np.random.default_rng(args.seed)
-    data = EvalData(
-        real=load_set(real_s, size, args.max_images, rng, "real"),
-        fake=load_set(fake_s, size, args.max_images, rng, "fake"),
-        seed=args.seed,
-        inception_weights=args.inception_weights,
-        notes=notes,
-    )
-    if "swd" in names:
-        if swd_images_per_side(data) < SWD_MIN_IMAGES:
-            raise CommandError(_too_few(summaries, args))
-        if len(set(data.real.subjects)) < 2:
-            notes.append("--real holds one subject: the SWD halves split its slices, so neighbouring slices sit on "
-                         "both sides and the floor is lower than new patients would score")
-    if "train" in summaries:
-        train_size = min(MEMORISATION_SIZE, size, summaries["train"].image_shape[-1])
-        data.train = load_set(summaries["train"], train_size, None, rng, "train")
+        if drawn < s.n_samples:
+            notes.append(f"--{role}: {drawn} of {s.n_samples} slices drawn at random (--max-images, --seed)")
+    if "swd" in names and len(set(sources["real"].subjects)) < 2:
+        notes.append("--real holds one subject: the SWD halves split its slices, so neighbouring slices sit on "
+                     "both sides and the floor is lower than new patients would score")
+
+    def read(role: str, at: int) -> Any:
+        source = sources[role]
+        return load_set(source.summary.path, source.store, source.indices, at, role)
+
+    data = EvalData(real=read("real", size), fake=read("fake", size), seed=args.seed,
+                    inception_weights=args.inception_weights, notes=notes)
+    if "train" in sources:
+        data.train = read("train", min(MEMORISATION_SIZE, size, sources["train"].summary.image_shape[-1]))
     return data
 
 
@@ -268,8 +274,8 @@ def run(args: argparse.Namespace) -> int:
 
     names = _metric_names(args)
     notes: list[str] = []
-    summaries = _check_args(args, names, notes)
-    data = _load(args, names, summaries, notes)
+    sources = _check_args(args, names, notes)
+    data = _load(names, sources, args, notes)
     out: dict[str, Any] = {
         "real": data.real.path, "fake": data.fake.path, "train": data.train.path if data.train else None,
         "n_real": len(data.real), "n_fake": len(data.fake), "n_train": len(data.train) if data.train else None,

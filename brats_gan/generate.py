@@ -92,23 +92,18 @@ class GenerateReport:
 # ---------------------------------------------------------------- the checkpoint
 
 
-def complete_steps(run: Path) -> list[int]:
-    """Steps of the run's complete checkpoints (those holding ``trainer_state.json``), ascending."""
-    from brats_gan.train import CHECKPOINTS, TRAINER_STATE
-
-    root = run / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir()
-                  if p.name.isdigit() and (p / TRAINER_STATE).is_file())
-
-
 def find_checkpoint(run: str | Path, step: int | None = None,
                     channels: Sequence[str] | None = None, which: str = "latest") -> Checkpoint:
     """The checkpoint to generate from (``step``, or the one ``checkpoints/<which>`` names: ``latest``
     or ``best``, the lowest SWD measured during training), or a CommandError naming what is missing."""
     from brats_gan.models import ModelConfig
-    from brats_gan.train import CHECKPOINTS, LATEST, OPTIONS_FILE, read_latest
+    from brats_gan.train import (
+        CHECKPOINTS,
+        LATEST,
+        OPTIONS_FILE,
+        checkpoint_steps,
+        read_latest,
+    )
 
     run = Path(run)
     options_path = run / OPTIONS_FILE
@@ -126,7 +121,7 @@ def find_checkpoint(run: str | Path, step: int | None = None,
             why = ("the run stopped before its first one" if which == LATEST else
                    "the run measured no SWD (--swd-images 0), or its best checkpoint is gone; try --which latest")
             raise CommandError(f"--checkpoint {run}: {run / CHECKPOINTS / which} names no complete checkpoint ({why})")
-    elif step not in (available := complete_steps(run)):
+    elif step not in (available := checkpoint_steps(run)):
         listed = ", ".join(map(str, available)) or "none"
         raise CommandError(f"--step {step}: {run} has no complete checkpoint at step {step} (complete: {listed})")
     weights = weights_path(run, step)

@@ -12,6 +12,7 @@ synthetic slices" defines every figure; the docstrings here say why each is comp
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from brats_gan.data import area_downsample
 
 # --------------------------------------------------------------------------------------------
 # the data every metric receives
@@ -47,6 +50,11 @@ class ImageSet:
     @property
     def size(self) -> int:
         return int(self.images.shape[-1])
+
+    @functools.cached_property
+    def power_spectrum(self) -> np.ndarray:
+        """:func:`mean_power_spectrum` of the set, computed once for the checkerboard score and the report."""
+        return mean_power_spectrum(self.images)
 
 
 @dataclass
@@ -119,13 +127,6 @@ def _json_default(obj: Any) -> Any:
 
 # --------------------------------------------------------------------------------------------
 # small image utilities
-
-
-def area_resize(images: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
-    """Float32 tensor at ``size`` x ``size``, area-downsampled (box average) when larger: the same
-    resampling the loader uses when the model is smaller than the store, and one that adds no grid."""
-    x = torch.as_tensor(images).float()
-    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="area")
 
 
 def expand_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -293,7 +294,12 @@ def checkerboard_levels(images: np.ndarray | torch.Tensor) -> list[float]:
     over the energy of their 8 neighbouring frequencies (averaged). A smooth spectrum gives about 0 dB; an
     upsampling layer whose output alternates with its period (a transposed convolution's uneven kernel overlap)
     puts a replica of the image's low frequencies there and gives tens of dB."""
-    p = mean_power_spectrum(images) + 1e-12
+    return spectrum_checkerboard_levels(mean_power_spectrum(images))
+
+
+def spectrum_checkerboard_levels(spectrum: np.ndarray) -> list[float]:
+    """:func:`checkerboard_levels` of a :func:`mean_power_spectrum` already computed."""
+    p = spectrum + 1e-12
     neighbours = sum(np.roll(p, (dy, dx), axis=(0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx) / 8
     return [float(10 * np.log10(p[mask].sum() / neighbours[mask].sum())) for mask in checkerboard_points(p.shape[-1])]
 
@@ -500,16 +506,22 @@ def check_inception_weights(path: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def _inception_extractor(weights: str) -> torch.nn.Module:
+    """torch-fidelity's extractor, built once for the real and the synthetic set."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
+
+
 def inception_features(images: np.ndarray | torch.Tensor, weights: str, batch: int = 32) -> torch.Tensor:
     """2048-d pool features of torch-fidelity's TF-compatible Inception-v3, loaded from ``weights`` (never
     downloaded). One channel is shown as grey RGB, three as RGB; [-1, 1] maps to uint8 as in a PNG."""
     _torch_fidelity()
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
     x = torch.as_tensor(images)
     if x.shape[1] not in (1, 3):
         raise MetricUnavailable(f"Inception-v3 takes 1 (grey) or 3 (RGB) channels, not {x.shape[1]}")
-    extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
+    extractor = _inception_extractor(weights)
     out = []
     with torch.no_grad():
         for part in progress(list(_batches(x.shape[0], batch)), "Inception features"):
@@ -553,10 +565,11 @@ def real_halves(subjects: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray
     return np.sort(np.concatenate(sides[0])), np.sort(np.concatenate(sides[1])), True
 
 
-def swd_images_per_side(data: EvalData) -> int:
-    """Images in every SWD comparison: the smaller real half, capped by the synthetic set."""
-    a, b, _ = real_halves(data.real.subjects, data.seed)
-    return min(len(a), len(b), len(data.fake))
+def swd_images_per_side(real_subjects: np.ndarray, n_fake: int, seed: int) -> int:
+    """Images in every SWD comparison: the smaller real half, capped by the synthetic set. Needs only the
+    subjects, so evaluate can refuse too small a set before reading any pixel."""
+    a, b, _ = real_halves(real_subjects, seed)
+    return min(len(a), len(b), n_fake)
 
 
 @register_metric
@@ -565,7 +578,7 @@ def swd(data: EvalData) -> dict[str, Any]:
     each other. Every comparison has the same number of images and patches on each side and one normalisation
     (the real patches'), so the floor is what a generator of new patients would score at this sample size."""
     a, b, by_subject = real_halves(data.real.subjects, data.seed)
-    m = min(len(a), len(b), len(data.fake))
+    m = swd_images_per_side(data.real.subjects, len(data.fake), data.seed)
     if m < SWD_MIN_IMAGES:
         raise MetricUnavailable(f"SWD and its floor need two real halves and a synthetic set of at least "
                                 f"{SWD_MIN_IMAGES} slices each; here {len(a)}, {len(b)} and {len(data.fake)}")
@@ -595,7 +608,7 @@ def swd(data: EvalData) -> dict[str, Any]:
 @register_metric
 def checkerboard(data: EvalData) -> dict[str, Any]:
     """Grid effect of each set at the evaluation size; the real set's value is the reference."""
-    fake, real = checkerboard_levels(data.fake.images), checkerboard_levels(data.real.images)
+    fake, real = (spectrum_checkerboard_levels(s.power_spectrum) for s in (data.fake, data.real))
     return {"checkerboard": max(fake), "checkerboard_real": max(real),
             "checkerboard_levels": fake, "checkerboard_real_levels": real}
 
@@ -618,7 +631,7 @@ def memorisation(data: EvalData) -> dict[str, Any]:
     channels = max(data.channels, data.train.images.shape[1])
 
     def prepared(s: ImageSet) -> torch.Tensor:
-        return expand_channels(area_resize(s.images, size), channels)
+        return expand_channels(area_downsample(s.images, size), channels)
 
     fake, train = prepared(data.fake), prepared(data.train)
     out = memorisation_figures(fake, train, prepared(data.real))
@@ -640,9 +653,7 @@ def inception(data: EvalData) -> dict[str, Any]:
     """FID, KID, precision and recall in Inception-v3 pool features (needs --inception-weights and [fid])."""
     if data.inception_weights is None:
         raise MetricUnavailable(f"FID, KID, precision and recall not computed: {INCEPTION_HELP}")
-    channels = data.channels
-    real = inception_features(expand_channels(torch.as_tensor(data.real.images), channels), data.inception_weights)
-    fake = inception_features(expand_channels(torch.as_tensor(data.fake.images), channels), data.inception_weights)
+    real, fake = (inception_features(s.images, data.inception_weights) for s in (data.real, data.fake))
     kid, kid_std = kernel_distance(real, fake, seed=data.seed)
     precision, recall = precision_recall(real, fake)
     return {"fid": frechet_distance(real, fake), "kid": kid, "kid_std": kid_std,

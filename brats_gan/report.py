@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from brats_gan.metrics import EvalData, area_resize, mean_power_spectrum
+from brats_gan.data import area_downsample
+from brats_gan.metrics import EvalData
 from brats_gan.preview import mosaic, to_uint8
 
 REAL_COLOUR = (31, 119, 180)
@@ -104,7 +105,7 @@ def histograms(data: EvalData, out: Path, bins: int = 64) -> Path:
 def spectra(data: EvalData, results: dict[str, Any], out: Path) -> Path:
     """Mean log10 power spectra (DC in the centre; each image's power as a share of its total, so that the
     shapes compare) on one grey scale; a grid shows as bright lines or dots."""
-    logs = [np.log10(np.fft.fftshift(mean_power_spectrum(s.images)) + 1e-12) for s in (data.real, data.fake)]
+    logs = [np.log10(np.fft.fftshift(s.power_spectrum) + 1e-12) for s in (data.real, data.fake)]
     lo, hi = np.percentile(np.concatenate([v.ravel() for v in logs]), [1, 100])
     scale = _display_scale(data.real.size) * 2
     panels = []
@@ -127,8 +128,8 @@ def closest_pairs(data: EvalData, results: dict[str, Any], out: Path) -> Path:
     fake_pos = np.searchsorted(data.fake.indices, [p["fake_sample"] for p in pairs])
     train_pos = np.searchsorted(data.train.indices, [p["train_sample"] for p in pairs])
     scale = _display_scale(size)
-    fake = _rgb_tiles(area_resize(data.fake.images[fake_pos], size).numpy(), scale)
-    train = _rgb_tiles(area_resize(data.train.images[train_pos], size).numpy(), scale)
+    fake = _rgb_tiles(area_downsample(data.fake.images[fake_pos], size).numpy(), scale)
+    train = _rgb_tiles(area_downsample(data.train.images[train_pos], size).numpy(), scale)
     sheet = mosaic(np.concatenate([fake, train]), columns=len(pairs))
     canvas = Image.new("RGB", (sheet.shape[1], sheet.shape[0] + 2 * CAPTION), "white")
     canvas.paste(Image.fromarray(sheet), (0, CAPTION))

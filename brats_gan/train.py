@@ -63,7 +63,13 @@ from brats_gan.data import (
     default_num_workers,
     iterate_batches,
 )
-from brats_gan.models import RESIZE_MODES, UPSAMPLES, ModelConfig, build_models, get_config
+from brats_gan.models import (
+    RESIZE_MODES,
+    UPSAMPLES,
+    ModelConfig,
+    build_models,
+    get_config,
+)
 from brats_gan.preview import save_grid
 
 log = logging.getLogger(__name__)
@@ -300,7 +306,7 @@ def validate(options: Options) -> None:
     except ValueError as err:
         raise ConfigError(f"--preset (training.preset): {err}") from None
     try:
-        t.model
+        _ = t.model  # the preset with --upsample/--resize-mode, validated by ModelConfig
     except ValueError as err:
         raise ConfigError(f"--upsample/--resize-mode (training.upsample/resize_mode): {err}") from None
     ds = t.deepspeed
@@ -445,6 +451,16 @@ def check_run_folder(options: Options, world_size: int) -> int | None:
                           f"launch has {world_size}; resume with the same number of ranks so that data "
                           "order and random streams continue exactly")
     return step
+
+
+def checkpoint_steps(run: str | Path, complete_only: bool = True) -> list[int]:
+    """Steps of the run's checkpoint folders, ascending: the complete ones (holding ``trainer_state.json``,
+    written last), or every one, half-written included, with ``complete_only=False``."""
+    root = Path(run) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()
+                  and (not complete_only or (p / TRAINER_STATE).is_file()))
 
 
 def read_latest(run: str | Path, pointer: str = LATEST) -> int | None:
@@ -837,7 +853,7 @@ class Trainer:
 
     def _prune(self) -> None:
         root = self.run_dir / CHECKPOINTS
-        steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+        steps = checkpoint_steps(self.run_dir, complete_only=False)
         best = read_latest(self.run_dir, BEST)
         for step in steps:
             if step < self.step and step not in steps[-self.c.keep:] and step != best:
@@ -855,10 +871,9 @@ class Trainer:
         set_rng_state(torch.load(folder / f"rng_rank{self.env.rank}.pt", weights_only=True))
         self._barrier()
         if self.is_main:
-            root = self.run_dir / CHECKPOINTS
-            for stale in root.iterdir():
-                if stale.is_dir() and stale.name.isdigit() and int(stale.name) > step:
-                    shutil.rmtree(stale, ignore_errors=True)
+            for stale in checkpoint_steps(self.run_dir, complete_only=False):
+                if stale > step:
+                    shutil.rmtree(self.run_dir / CHECKPOINTS / str(stale), ignore_errors=True)
         best = read_latest(self.run_dir, BEST)
         if best is not None and best <= step:
             saved = json.loads((self.run_dir / CHECKPOINTS / str(best) / TRAINER_STATE).read_text()).get("swd")
