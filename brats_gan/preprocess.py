@@ -236,6 +236,7 @@ def create_store(path: str, config: PreprocessConfig, planned: list[str], overwr
             "complete": False,
         },
     )
+    _open_group(path).create_group(schema.PROGRESS_GROUP)  # here, once: workers creating it at once would race
     log.info("created %s for %d subjects x %d slices", path, len(planned), config.slices)
     return token
 
@@ -276,6 +277,8 @@ def open_for_resume(
             f"{len(now - before)} new); resume with the same input and --subjects, or --overwrite"
         )
     complete = bool(attrs.get("complete"))
+    if not complete:
+        _open_group(path).require_group(schema.PROGRESS_GROUP)
     return attrs["run_token"], {} if complete else read_markers(path), complete
 
 
@@ -286,7 +289,7 @@ def _worker_arrays(path: str, token: str):
     # Every shard is written whole, so zarr's check of each chunk against the fill value (to skip
     # empty ones) only costs time: ~6 ms of a 15 ms shard write.
     image = group[schema.IMAGE].with_config({"write_empty_chunks": True})
-    return image, group.require_group(schema.PROGRESS_GROUP)
+    return image, group[schema.PROGRESS_GROUP]
 
 
 def write_subject(path: str, token: str, prepared: PreparedSubject, slot: int) -> None:
@@ -320,7 +323,7 @@ def store_subject(subject: Subject, config: PreprocessConfig, path: str, token: 
 
 
 def mark_skipped(path: str, subject: str, reason: str) -> None:
-    _open_group(path).require_group(schema.PROGRESS_GROUP).create_group(
+    _open_group(path)[schema.PROGRESS_GROUP].create_group(
         subject, overwrite=True, attributes={"status": "skipped", "reason": reason}
     )
 

@@ -4,7 +4,9 @@ and one two-rank training run that several test modules compare their runs with.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,24 @@ from training_runs import REPO, TINY, UNINTERRUPTED_STEPS, launch
 REAL_CASE = REPO.parent / "shared/data/brats2023-sample"
 
 
-def cli(*args: str) -> list[str]:
+def cli(*args: str | Path) -> list[str]:
     """The command line of `brats-gan ARGS` run with this interpreter."""
-    return [sys.executable, "-m", "brats_gan", *args]
+    return [sys.executable, "-m", "brats_gan", *map(str, args)]
+
+
+def run_cli(*args: str | Path, env: Mapping[str, str] | None = None, timeout: float = 600,
+            ok: bool = False) -> subprocess.CompletedProcess:
+    """Run `brats-gan ARGS` as a user does and wait for it; ``env`` is added to this environment.
+
+    The result has ``stdout`` and ``stderr`` apart and ``output`` (both). With ``ok=True`` a non-zero
+    exit fails the test, with the output in the message; otherwise the exit status is the caller's to check.
+    """
+    proc = subprocess.run(cli(*args), check=False, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env} if env else None)
+    proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
+    if ok:
+        assert proc.returncode == 0, f"brats-gan {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.output}"
+    return proc
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,15 +1,20 @@
-"""Small slice stores that follow ``brats_gan/schema.py``, written with xarray + zarr like the real one.
+"""Small slice stores that follow ``brats_gan/schema.py``, written with xarray + zarr like the real one,
+and read back the way a user without brats_gan reads them.
 
 The trainer's tests need stores of a chosen size in well under a second, without BraTS data or the
 Dask preprocessing. ``write_store`` draws a bright ellipse ("brain") with a darker blob ("tumour")
 on a -1 background, so sample grids look like something and every sample differs.
 
-Each sample carries its own id in pixel (0, 0, 0) of channel 0 (``sample_id``), so tests can tell
-exactly which stored samples a loader returned, whatever the shuffling.
+Each drawn sample carries its own id in pixel (0, 0, 0) of channel 0 (``sample_id``), so tests can tell
+exactly which stored samples a loader returned, whatever the shuffling. Given ``images``, the store
+holds exactly those instead (the evaluation tests' fixed image sets).
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -41,31 +46,45 @@ def _phantom(rng: np.random.Generator, size: int) -> np.ndarray:
 def write_store(
     path: str | Path,
     *,
-    subjects: int = 3,
+    subjects: int | Sequence[str] = 3,
     slices: int = 8,
     channels: Sequence[str] = ("flair",),
     size: int = 256,
+    images: np.ndarray | None = None,
+    synthetic: bool = True,
     complete: bool = True,
     seed: int = 0,
 ) -> Path:
-    """A store of ``subjects x slices`` samples; shard = one subject's slices, chunks as ``schema`` says."""
+    """A store of ``subjects x slices`` samples; shard = one subject's slices, chunks as ``schema`` says.
+
+    ``subjects``: how many (ids ``BraTS-TEST-00000``, ...) or the ids themselves, each holding ``slices``
+    consecutive samples. ``images`` (``(subjects x slices, channels, size, size)``, stored as float16):
+    the pixels, exactly; without them, phantoms carrying their ``sample_id`` are drawn.
+    """
     import xarray as xr
 
     rng = np.random.default_rng(seed)
-    n, c = subjects * slices, len(channels)
-    if n > 2047:
-        raise ValueError("sample ids are stored in float16 and must stay below 2048")
-    image = np.empty((n, c, size, size), dtype=np.float16)
-    for i in range(n):
-        for j in range(c):
-            image[i, j] = _phantom(rng, size)
-        image[i, 0, 0, 0] = -1.0 + i * ID_SCALE
-    ids = [f"BraTS-TEST-{s:05d}" for s in range(subjects)]
+    ids = [f"BraTS-TEST-{s:05d}" for s in range(subjects)] if isinstance(subjects, int) else list(subjects)
+    n, c = len(ids) * slices, len(channels)
+    if images is None:
+        if n > 2047:
+            raise ValueError("sample ids are stored in float16 and must stay below 2048")
+        image = np.empty((n, c, size, size), dtype=np.float16)
+        for i in range(n):
+            for j in range(c):
+                image[i, j] = _phantom(rng, size)
+            image[i, 0, 0, 0] = -1.0 + i * ID_SCALE
+    else:
+        size = images.shape[-1]
+        if images.shape != (n, c, size, size):
+            raise ValueError(f"images of shape {images.shape} for {len(ids)} subjects x {slices} slices "
+                             f"and {c} channel(s)")
+        image = images.astype(np.float16)
     ds = xr.Dataset(
         {schema.IMAGE: (schema.DIMS, image)},
         coords={
             "subject": ("sample", np.repeat(np.array(ids, dtype=object), slices)),
-            "slice_index": ("sample", np.tile(np.arange(60, 60 + slices, dtype=np.int16), subjects)),
+            "slice_index": ("sample", np.tile(np.arange(60, 60 + slices, dtype=np.int16), len(ids))),
             "tumour_fraction": ("sample", rng.uniform(0, 0.1, n).astype(np.float32)),
             "channel": ("channel", np.array(list(channels), dtype=object)),
         },
@@ -76,7 +95,7 @@ def write_store(
             "params": {"size": size, "slices": slices, "modalities": list(channels), "factory_seed": seed},
             "subjects_planned": ids,
             "skipped": [],
-            "synthetic": True,
+            "synthetic": synthetic,
         },
     )
     chunk = schema.chunk_samples(slices)
@@ -92,7 +111,8 @@ def write_store(
 
 @pytest.fixture(scope="session")
 def store_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """``store_factory(**write_store_kwargs)`` -> path; equal arguments give the same (cached) store."""
+    """``store_factory(**write_store_kwargs)`` -> path; equal arguments give the same (cached) store.
+    (Stores of given ``images`` are not cached: write those with ``write_store``.)"""
     made: dict[tuple, Path] = {}
 
     def make(**kwargs) -> Path:
@@ -102,3 +122,40 @@ def store_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pat
         return made[key]
 
     return make
+
+
+# What a user with xarray and zarr, but not brats_gan, sees of stores; any warning while reading fails it.
+DESCRIBE_WITHOUT_BRATS_GAN = r"""
+import json, sys, warnings
+warnings.simplefilter("error")
+import numpy as np, xarray as xr, zarr
+out = []
+for path in sys.argv[1:]:
+    ds = xr.open_zarr(path)
+    g = zarr.open_group(path, mode="r")
+    img = ds.image.values.astype("float32")
+    out.append({
+        "dims": list(ds.image.dims), "dtype": str(ds.image.dtype), "shape": list(img.shape),
+        "sizes": dict(ds.sizes), "chunks": list(g["image"].chunks),
+        "coords": {k: [list(v.dims), str(v.dtype)] for k, v in ds.coords.items()},
+        "zarr_types": {k: str(g[k].metadata.data_type) for k in sorted(g.array_keys())},
+        "min": float(img.min()), "max": float(img.max()), "nan": int(np.isnan(img).sum()),
+        "background": float((img == -1).mean()),
+        "subjects": sorted(set(ds.subject.values.tolist())), "slice_index": ds.slice_index.values.tolist(),
+        "channels": ds.channel.values.tolist(),
+        "tumour_fraction_nan": bool(np.isnan(ds.tumour_fraction.values).all()),
+        "attrs": dict(ds.attrs),
+    })
+for seen in out:
+    seen["brats_gan_imported"] = "brats_gan" in sys.modules
+print(json.dumps(out))
+"""
+
+
+def read_without_brats_gan(*stores: Path) -> list[dict]:
+    """What one fresh interpreter with only xarray, zarr and numpy reads of each store, in order; each
+    description also says whether brats_gan got imported by the time all were read."""
+    done = subprocess.run([sys.executable, "-c", DESCRIBE_WITHOUT_BRATS_GAN, *map(str, stores)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)

@@ -4,13 +4,11 @@ generator can be trained through it."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli
+from conftest import run_cli
 
 from brats_gan.augment import POLICIES, cutout, diff_augment, parse_policy, translate
 
@@ -54,14 +52,11 @@ def test_augmentation_is_differentiable_seeded_and_shape_preserving():
 
 
 def test_training_with_augment_runs_records_it_and_refuses_unknown_names(store: Path, tmp_path: Path):
-    bad = subprocess.run(cli("train", "--store", str(store), "--out", str(tmp_path / "bad"), "--augment", "flip"),
-                         check=False, capture_output=True, text=True)
+    bad = run_cli("train", "--store", store, "--out", tmp_path / "bad", "--augment", "flip")
     assert bad.returncode == 2 and "--augment" in bad.stderr and not (tmp_path / "bad").exists()
     run = tmp_path / "aug"
-    ok = subprocess.run(cli("train", "--store", str(store), "--out", str(run), "--preset", "tiny", "--steps", "2",
-                            "--checkpoint-every", "2", "--augment", "translation,cutout", "--num-workers", "0"),
-                        check=False, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert ok.returncode == 0, ok.stderr
+    run_cli("train", "--store", store, "--out", run, "--preset", "tiny", "--steps", "2", "--checkpoint-every", "2",
+            "--augment", "translation,cutout", "--num-workers", "0", env={"OMP_NUM_THREADS": "1"}, ok=True)
     options = json.loads((run / "training_options.json").read_text())
     assert options["training"]["augment"] == ["translation", "cutout"]
     assert (run / "checkpoints" / "latest").read_text().strip() == "2"

@@ -1,7 +1,5 @@
-import subprocess
-
 import xarray as xr
-from conftest import cli
+from conftest import run_cli
 from PIL import Image
 
 
@@ -9,8 +7,7 @@ def test_demo_runs_every_stage_and_replaces_only_its_own_folder(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--subjects", "2", "--slices", "8", "--workers", "1", "--dashboard-port", "0",
             "--steps", "2"]
-    first = subprocess.run(cli(*args), check=False, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr
+    first = run_cli(*args, ok=True)
     real = xr.open_zarr(out / "store.zarr")
     assert real.attrs["complete"] and real.sizes["sample"] == 16 and len(set(real.subject.values)) == 2
     assert (out / "preview.png").stat().st_size > 1000 and "brats-gan info" in first.stdout
@@ -33,11 +30,10 @@ def test_demo_runs_every_stage_and_replaces_only_its_own_folder(tmp_path):
     for where in (out / "store.zarr", run, out / "synthetic.zarr", out / "synthetic.png"):
         assert str(where) in first.stdout
 
-    again = subprocess.run(cli(*args), check=False, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr
+    run_cli(*args, ok=True)
     other = tmp_path / "precious"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    refused = subprocess.run(cli("demo", "--out", str(other)), check=False, capture_output=True, text=True)
+    refused = run_cli("demo", "--out", other)
     assert refused.returncode == 2 and "not a demo folder" in refused.stderr
     assert (other / "keep.txt").read_text() == "mine"

@@ -4,51 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cli
+from conftest import run_cli
 from store_factory import write_store
 from test_metrics import one_thread, phantoms  # noqa: F401  (one_thread: autouse fixture)
 
-from brats_gan import schema
 from brats_gan.cli import main
 from brats_gan.models import build_models
 
 
-def write_slices(path: Path, images: np.ndarray, subjects: Sequence[str], *, synthetic: bool,
-                 channels: Sequence[str] = ("flair",), per_subject: int = 8) -> Path:
-    """A complete store of the schema holding exactly ``images`` (as `generate` would write a synthetic one)."""
-    import xarray as xr
-    import zarr
-
-    n, c, size, _ = images.shape
-    ds = xr.Dataset(
-        {schema.IMAGE: (schema.DIMS, images.astype(np.float16))},
-        coords={
-            "subject": ("sample", np.array(list(subjects), dtype=object)),
-            "slice_index": ("sample", (np.arange(n) % per_subject).astype(np.int16)),
-            "tumour_fraction": ("sample", np.full(n, np.nan, dtype=np.float32)),
-            "channel": ("channel", np.array(list(channels), dtype=object)),
-        },
-        attrs={"format": schema.FORMAT, "format_version": schema.FORMAT_VERSION, "tool_version": "tests",
-               "params": {}, "subjects_planned": sorted(set(subjects)), "skipped": [], "synthetic": synthetic},
-    )
-    shape = (schema.chunk_samples(per_subject), c, size, size)
-    encoding = {schema.IMAGE: {"chunks": shape, "shards": (per_subject, c, size, size)}}
-    with schema.quiet_consolidated_warning():
-        ds.to_zarr(str(path), mode="w", zarr_format=3, encoding=encoding, consolidated=True)
-    zarr.open_group(str(path), mode="r+").attrs["complete"] = True
-    return path
-
-
-def subject_ids(prefix: str, n: int, per_subject: int = 8) -> list[str]:
-    return [f"{prefix}-{i // per_subject:05d}" for i in range(n)]
+def subject_ids(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}-{i:05d}" for i in range(n)]
 
 
 N_COPIES = 8
@@ -68,24 +39,21 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         generated = generator(torch.randn(16, generator.config.latent_dim)).mean(dim=1, keepdim=True).numpy()
     copies = F.interpolate(torch.from_numpy(train[:N_COPIES]), size=64, mode="area").numpy()
     fake = np.concatenate([copies, generated])
-    return {
-        "real": write_slices(root / "heldout.zarr", real, subject_ids("BraTS-HELD", 24), synthetic=False),
-        "train": write_slices(root / "train.zarr", train, subject_ids("BraTS-TRAIN", 24), synthetic=False),
-        "fake": write_slices(root / "fake.zarr", fake, [f"synthetic-{i:06d}" for i in range(24)], synthetic=True,
-                             per_subject=1),
+    return {  # real and train: 3 subjects of 8 slices each; fake: one slice per "subject", as generate writes
+        "real": write_store(root / "heldout.zarr", images=real, subjects=subject_ids("BraTS-HELD", 3), synthetic=False),
+        "train": write_store(root / "train.zarr", images=train, subjects=subject_ids("BraTS-TRAIN", 3),
+                             synthetic=False),
+        "fake": write_store(root / "fake.zarr", images=fake, subjects=[f"synthetic-{i:06d}" for i in range(24)],
+                            slices=1),
     }
 
 
 @pytest.mark.slow
 def test_evaluate_end_to_end_prints_the_figures_and_writes_the_report(stores, tmp_path) -> None:
     report = tmp_path / "report"
-    done = subprocess.run(
-        cli("evaluate", "--real", str(stores["real"]), "--fake", str(stores["fake"]), "--train", str(stores["train"]),
-            "--json", "--report", str(report)),
-        check=False, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},  # two threads stall when other jobs share the cores
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_cli("evaluate", "--real", stores["real"], "--fake", stores["fake"], "--train", stores["train"],
+                   "--json", "--report", report, timeout=300, ok=True,
+                   env={"OMP_NUM_THREADS": "1"})  # two threads stall when other jobs share the cores
     out = json.loads(done.stdout)
     for key in ("swd", "swd_floor", "checkerboard", "checkerboard_real", "ms_ssim_fake", "ms_ssim_real",
                 "memorisation_share", "fid", "kid"):
@@ -152,8 +120,8 @@ def test_refuses_incompatible_channels_and_too_few_slices(stores, tmp_path, caps
 def test_refuses_a_training_store_that_is_not_disjoint_from_the_held_out_one(stores, capsys) -> None:
     same = _refused(capsys, "--real", str(stores["train"]), "--fake", str(stores["fake"]), "--train", str(stores["train"]))
     assert "same store" in same and "held-out" in same
-    copy_of_train = write_slices(Path(str(stores["train"]) + "-copy.zarr"), phantoms(16, size=128, seed=3),
-                                 subject_ids("BraTS-TRAIN", 16), synthetic=False)
+    copy_of_train = write_store(Path(str(stores["train"]) + "-copy.zarr"), images=phantoms(16, size=128, seed=3),
+                                subjects=subject_ids("BraTS-TRAIN", 2), synthetic=False)
     shared = _refused(capsys, "--real", str(copy_of_train), "--fake", str(stores["fake"]), "--train", str(stores["train"]))
     assert "shares 2 subject(s)" in shared
 
@@ -190,11 +158,7 @@ def test_inception_metrics_with_the_real_weights(stores, tmp_path) -> None:
     weights = os.environ.get("BRATS_GAN_INCEPTION_WEIGHTS")
     if not (weights and Path(weights).is_file() and _torch_fidelity_importable()):
         pytest.skip("needs the [fid] extra and BRATS_GAN_INCEPTION_WEIGHTS=pt_inception-2015-12-05-6726825d.pth")
-    done = subprocess.run(
-        cli("evaluate", "--real", str(stores["real"]), "--fake", str(stores["fake"]), "--json",
-            "--inception-weights", weights, "--metrics", "inception"),
-        check=False, capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_cli("evaluate", "--real", stores["real"], "--fake", stores["fake"], "--json",
+                   "--inception-weights", weights, "--metrics", "inception", ok=True)
     out = json.loads(done.stdout)
     assert out["fid"] > 0 and np.isfinite(out["kid"]) and 0 <= out["precision"] <= 1 and 0 <= out["recall"] <= 1

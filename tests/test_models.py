@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import time
 
 import pytest
 import torch
-from conftest import cli
+from conftest import run_cli
 
 from brats_gan.cli import main as cli_main
 from brats_gan.models import (
@@ -227,11 +226,7 @@ def test_cli_prints_both_tables_with_totals(capsys, paper_models):
 
 
 def test_cli_json_has_the_documented_form():
-    result = subprocess.run(
-        cli("models", "--preset", "paper", "--json"),
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_cli("models", "--preset", "paper", "--json", timeout=120, ok=True)
     data = json.loads(result.stdout)
     assert set(data) == {"generator", "discriminator"}
     for rows in data.values():
@@ -241,10 +236,7 @@ def test_cli_json_has_the_documented_form():
 
 
 def test_cli_unknown_preset_exits_2_with_the_presets():
-    result = subprocess.run(
-        cli("models", "--preset", "huge"),
-        capture_output=True, text=True, timeout=120,
-    )
+    result = run_cli("models", "--preset", "huge", timeout=120)
     assert result.returncode == 2
     assert result.stdout == ""
     message = result.stderr.strip()

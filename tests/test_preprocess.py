@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,33 +16,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import zarr
-from conftest import cli
+from conftest import cli, run_cli
+from store_factory import read_without_brats_gan
 
 from brats_gan.discover import discover_subjects
 from brats_gan.preprocess import PreprocessConfig, run_preprocess
-
-READ_WITHOUT_BRATS_GAN = r"""
-import json, sys, warnings
-warnings.simplefilter("error")
-import numpy as np, xarray as xr, zarr
-ds = xr.open_zarr(sys.argv[1])
-g = zarr.open_group(sys.argv[1], mode="r")
-img = ds.image.values.astype("float32")
-print(json.dumps({
-    "dims": list(ds.image.dims), "shape": list(img.shape), "min": float(img.min()), "max": float(img.max()),
-    "nan": int(np.isnan(img).sum()), "background": float((img == -1).mean()),
-    "subjects": sorted(set(ds.subject.values.tolist())), "slice_index": ds.slice_index.values.tolist(),
-    "channels": ds.channel.values.tolist(), "complete": ds.attrs["complete"],
-    "dtypes": sorted({str(g[k].metadata.data_type) for k in g.array_keys()}),
-    "brats_gan_imported": "brats_gan" in sys.modules,
-}))
-"""
-
-
-def read_without_brats_gan(store: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", READ_WITHOUT_BRATS_GAN, str(store)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
 
 
 def copy_dataset(src: Path, dst: Path) -> Path:
@@ -70,13 +47,14 @@ def test_real_case_store_is_readable_by_xarray_and_zarr_alone(tmp_path, real_cas
     report = run_preprocess(subjects, store, PreprocessConfig(modalities=("flair", "t1c", "t2")), dask_client,
                             progress=False)
     assert report.complete and report.stored == ["BraTS-GLI-00001-000"]
-    seen = read_without_brats_gan(store)
+    (seen,) = read_without_brats_gan(store)
     assert not seen["brats_gan_imported"]
     assert seen["dims"] == ["sample", "channel", "y", "x"] and seen["shape"] == [48, 3, 256, 256]
     assert seen["min"] == -1.0 and seen["max"] == 1.0 and seen["nan"] == 0
     assert 0.5 < seen["background"] < 0.9
-    assert seen["channels"] == ["flair", "t1ce", "t2"] and seen["complete"] is True
-    assert "VariableLengthUTF8()" in seen["dtypes"] and not any("UTF32" in d for d in seen["dtypes"])
+    assert seen["channels"] == ["flair", "t1ce", "t2"] and seen["attrs"]["complete"] is True
+    dtypes = seen["zarr_types"].values()
+    assert "VariableLengthUTF8()" in dtypes and not any("UTF32" in d for d in dtypes)
     # 48 contiguous slices centred on the largest brain cross-section of the real volume
     vol = np.asanyarray(nib.as_closest_canonical(nib.load(subjects[0].files["flair"])).dataobj)
     area = (vol != 0).sum(axis=(0, 1))
@@ -103,22 +81,21 @@ def test_bad_inputs_are_named_then_skipped_and_nothing_is_lost(tmp_path, phantom
     args = ["preprocess", str(data), "--out", str(store), "--modalities", "flair,t1ce", "--slices", "8",
             "--scheduler", dask_client.scheduler.address, "--no-progress"]
 
-    strict = subprocess.run(cli(*args), capture_output=True, text=True)
-    assert strict.returncode == 1, strict.stderr
+    strict = run_cli(*args)
+    assert strict.returncode == 1, strict.output
     for sid, reason in cases.items():
         assert any(sid in line and reason in line for line in strict.stderr.splitlines()), (sid, strict.stderr)
     assert "NOT complete" in strict.stderr
     assert zarr.open_group(store, mode="r").attrs["complete"] is False
 
-    skipped = subprocess.run(cli(*args, "--resume", "--skip-invalid"), capture_output=True, text=True)
-    assert skipped.returncode == 0, skipped.stderr
+    run_cli(*args, "--resume", "--skip-invalid", ok=True)
     attrs = dict(zarr.open_group(store, mode="r").attrs)
     assert attrs["complete"] is True
     assert {s["subject"] for s in attrs["skipped"]} == set(cases)
-    seen = read_without_brats_gan(store)
+    (seen,) = read_without_brats_gan(store)
     assert seen["subjects"] == [ids[0], ids[5]] and seen["shape"] == [16, 2, 256, 256] and seen["nan"] == 0
 
-    info = subprocess.run(cli("info", str(store)), capture_output=True, text=True, check=True).stdout
+    info = run_cli("info", store, ok=True).stdout
     assert "complete: True" in info and "skipped: 4" in info and ids[1] in info
 
 
@@ -133,15 +110,15 @@ def test_existing_store_is_never_overwritten_and_other_parameters_are_refused(tm
     assert "heavy: []" in first.stdout, "preprocessing must not import torch or deepspeed"
     before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
 
-    again = subprocess.run(cli(*base), capture_output=True, text=True)
+    again = run_cli(*base)
     assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
     other = ["preprocess", str(phantoms_2020), "--out", str(store), "--slices", "4", "--workers", "1", "--resume"]
-    mismatch = subprocess.run(cli(*other), capture_output=True, text=True)
+    mismatch = run_cli(*other)
     assert mismatch.returncode == 2 and "other parameters" in mismatch.stderr and "slices" in mismatch.stderr
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == before
 
-    replaced = subprocess.run(cli(*base, "--overwrite"), capture_output=True, text=True)
-    assert replaced.returncode == 0 and zarr.open_group(store, mode="r").attrs["complete"] is True
+    run_cli(*base, "--overwrite", ok=True)
+    assert zarr.open_group(store, mode="r").attrs["complete"] is True
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +171,7 @@ def test_kill_9_mid_run_then_resume_equals_a_single_run(tmp_path, many_real, env
                      for p in (store / "image" / "c" / str(slot)).rglob("*") if p.is_file()}
     assert len(shards_before) == len(done)
 
-    resumed = subprocess.run(cli(*args, "--resume"), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = run_cli(*args, "--resume", ok=True)
     assert f"{len(done)} of 60 subjects already done" in resumed.stderr
     assert {p: p.stat().st_mtime_ns for p in shards_before} == shards_before, "finished subjects were redone"
     assert_same_store(store, reference)
@@ -233,11 +209,9 @@ def test_preview_draws_a_contact_sheet(tmp_path, phantoms_2020, dask_client):
     run_preprocess(discover_subjects(phantoms_2020), store, PreprocessConfig(slices=8, size=64), dask_client,
                    progress=False)
     out = tmp_path / "grid.png"
-    done = subprocess.run(cli("preview", str(store), "--out", str(out), "--num", "16"), capture_output=True,
-                          text=True)
-    assert done.returncode == 0, done.stderr
+    run_cli("preview", store, "--out", out, "--num", "16", ok=True)
     sheet = np.asarray(Image.open(out))
     assert sheet.shape == (4 * 64 + 3 * 2, 4 * 64 + 3 * 2)
     assert sheet.max() > 200 and (sheet == 0).mean() > 0.3, "bright brains on a black background"
-    bad = subprocess.run(cli("preview", str(tmp_path / "nothing.zarr")), capture_output=True, text=True)
+    bad = run_cli("preview", tmp_path / "nothing.zarr")
     assert bad.returncode == 2 and "no Zarr store" in bad.stderr

@@ -55,3 +55,15 @@ def model_states(run: Path, step: int) -> dict[str, dict]:
     folder = run / "checkpoints" / str(step)
     return {tag: torch.load(folder / tag / "mp_rank_00_model_states.pt", weights_only=True)
             for tag in ("generator", "critic")}
+
+
+def assert_same_weights(run: Path, reference: Path, step: int) -> None:
+    """The generator and critic of ``run`` at ``step`` hold the reference run's weights there, to 1e-6."""
+    import torch
+
+    got, expected = model_states(run, step), model_states(reference, step)
+    for tag in ("generator", "critic"):
+        assert got[tag]["module"].keys() == expected[tag]["module"].keys(), tag
+        for name, tensor in expected[tag]["module"].items():
+            torch.testing.assert_close(got[tag]["module"][name], tensor, rtol=0, atol=1e-6,
+                                       msg=f"{tag}.{name} at step {step} of {run} differs from {reference}")
