@@ -101,7 +101,8 @@ def main() -> None:
                                    ).strip().splitlines()[-1])
         rows.append({"upsample": upsample, "augment": augment, "steps": args.steps,
                      **{k: report.get(k) for k in ("swd", "swd_floor", "checkerboard", "checkerboard_real",
-                                                   "ms_ssim_fake", "ms_ssim_real", "memorisation_share")}})
+                                                   "checkerboard_levels", "ms_ssim_fake", "ms_ssim_real",
+                                                   "memorisation_share")}})
     result = {"rows": rows, "seconds": round(time.perf_counter() - started, 1), "folder": str(root)}
     if args.json:
         print(json.dumps(result))
@@ -109,12 +110,12 @@ def main() -> None:
     print(f"{args.steps} steps per variant, {args.images} generated slices vs {args.heldout_subjects} held-out "
           f"subjects; runs in {root}")
     head = f"{'upsample':<16} {'augment':<19} {'SWD':>7} {'floor':>7} {'checker':>8} {'real':>6} " \
-           f"{'MS-SSIM':>8} {'real':>6} {'memorised':>9}"
+           f"{'MS-SSIM':>8} {'real':>6} {'memorised':>9}  checkerboard per period 2/4/8/.. px"
     print(head)
     for r in rows:
         print(f"{r['upsample']:<16} {r['augment']:<19} {r['swd']:7.1f} {r['swd_floor']:7.1f} {r['checkerboard']:8.2f} "
               f"{r['checkerboard_real']:6.2f} {r['ms_ssim_fake']:8.3f} {r['ms_ssim_real']:6.3f} "
-              f"{r['memorisation_share']:9.3f}")
+              f"{r['memorisation_share']:9.3f}  {' '.join(f'{v:.1f}' for v in r['checkerboard_levels'])}")
     print(f"({result['seconds']} s)")
 
 
