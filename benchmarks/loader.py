@@ -47,7 +47,7 @@ from brats_gan.data import (
     default_num_workers,
     iterate_batches,
 )
-from brats_gan.train import DEFAULT_DEEPSPEED
+from brats_gan.train_config import DEFAULT_DEEPSPEED
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from preprocess import SAMPLE, make_dataset

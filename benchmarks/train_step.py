@@ -56,15 +56,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from brats_gan.data import Position
+from brats_gan.distributed import DistEnv, init_distributed
 from brats_gan.models import PRESETS, build_models, get_config
-from brats_gan.train import (
-    DistEnv,
-    Trainer,
-    TrainingConfig,
-    frozen,
-    init_distributed,
-    load_deepspeed_config,
-)
+from brats_gan.train import Trainer, frozen
+from brats_gan.train_config import TrainingConfig, load_deepspeed_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Dense peak TFLOP/s per GPU: (bf16, tf32, fp32 with TF32 off); the first key contained in the

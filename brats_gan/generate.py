@@ -73,7 +73,7 @@ class Checkpoint:
 
 
 def weights_path(run: Path, step: int) -> Path:
-    from brats_gan.train import CHECKPOINTS
+    from brats_gan.checkpoints import CHECKPOINTS
 
     return run / CHECKPOINTS / str(step) / "generator" / WEIGHTS_FILE
 
@@ -96,14 +96,14 @@ def find_checkpoint(run: str | Path, step: int | None = None,
                     channels: Sequence[str] | None = None, which: str = "latest") -> Checkpoint:
     """The checkpoint to generate from (``step``, or the one ``checkpoints/<which>`` names: ``latest``
     or ``best``, the lowest SWD measured during training), or a CommandError naming what is missing."""
-    from brats_gan.models import ModelConfig
-    from brats_gan.train import (
+    from brats_gan.checkpoints import (
         CHECKPOINTS,
         LATEST,
         OPTIONS_FILE,
         checkpoint_steps,
         read_latest,
     )
+    from brats_gan.models import ModelConfig
 
     run = Path(run)
     options_path = run / OPTIONS_FILE

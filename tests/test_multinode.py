@@ -36,7 +36,7 @@ from training_runs import (
     model_states,
 )
 
-from brats_gan.train import read_latest
+from brats_gan.checkpoints import read_latest
 
 HOSTS = ("node-0.invalid", "node-1.invalid")
 

@@ -68,7 +68,7 @@ def test_real_case_store_is_readable_by_xarray_and_zarr_alone(tmp_path, real_cas
 def test_bad_inputs_are_named_then_skipped_and_nothing_is_lost(tmp_path, phantoms_2020, dask_client):
     data = copy_dataset(phantoms_2020, tmp_path / "data")
     ids = sorted(p.name for p in data.iterdir())
-    flair = lambda sid: data / sid / f"{sid}_flair.nii.gz"  # noqa: E731
+    flair = lambda sid: data / sid / f"{sid}_flair.nii.gz"
     raw = flair(ids[1]).read_bytes()
     flair(ids[1]).write_bytes(raw[: len(raw) // 3])  # truncated
     (data / ids[2] / f"{ids[2]}_t1ce.nii.gz").unlink()  # missing requested modality
