@@ -138,6 +138,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--keep-checkpoints": ("checkpoint", "keep"), "--sample-every": ("checkpoint", "sample_every"),
     "--samples": ("checkpoint", "samples"), "--swd-images": ("checkpoint", "swd_images"),
 }
+# Options that change the preset's network; None means the preset's own.
+MODEL_CHOICES = {("training", "upsample"), ("training", "resize_mode")}
 # What a resumed run may change; anything else would make it a different run.
 RESUMABLE_CHANGES = {("training", "steps"), ("checkpoint", "every"), ("checkpoint", "keep"),
                      ("checkpoint", "sample_every"), ("checkpoint", "samples"), ("data", "num_workers"),
@@ -345,6 +347,8 @@ def build_options(args: argparse.Namespace, world_size: int) -> Options:
                                   "with (saved in training_options.json); start a new run to change it")
         for key, value in given.items():
             old = sections[key[0]].get(key[1])
+            if old is None and key in MODEL_CHOICES:  # the preset's, saved in the run's network
+                old = saved.get("model", {}).get(key[1])
             old = tuple(old) if isinstance(old, list) else old
             if key not in RESUMABLE_CHANGES and key[1] not in ("out", "resume") and value != old:
                 raise ConfigError(f"--resume: {_flag(key)} {value!r} differs from the run's {old!r}; "
