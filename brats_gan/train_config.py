@@ -29,7 +29,7 @@ from brats_gan.data import DEFAULT_RUN_LENGTH, DEFAULT_WINDOW_BATCHES
 from brats_gan.models import RESIZE_MODES, UPSAMPLES, ModelConfig, get_config
 
 LOSSES = ("wgan-gp", "wgan-clip")
-SWD_MIN_IMAGES = 16
+CHECKPOINT_SWD_MIN_IMAGES = 16  # --swd-images: fewer make the SWD too noisy to choose the best checkpoint by
 
 # The DeepSpeed recipes when --deepspeed-config is not given; deepspeed_configs/{paper,tiny}.json
 # hold the same (a test keeps them equal), for users to copy and edit.
@@ -236,7 +236,8 @@ def validate(options: Options) -> None:
         at_least(("checkpoint", "sample_every"), c.sample_every, 0)
     checks.append((("checkpoint", "samples"), isinstance(c.samples, int) and 1 <= c.samples <= 256, "in [1, 256]"))
     checks.append((("checkpoint", "swd_images"), isinstance(c.swd_images, int) and not isinstance(c.swd_images, bool)
-                   and (c.swd_images == 0 or c.swd_images >= SWD_MIN_IMAGES), f"0 (none) or >= {SWD_MIN_IMAGES}"))
+                   and (c.swd_images == 0 or c.swd_images >= CHECKPOINT_SWD_MIN_IMAGES),
+                   f"0 (none) or >= {CHECKPOINT_SWD_MIN_IMAGES}"))
     for key, ok, must in checks:
         if not ok:
             raise _bad(key, getattr(getattr(options, key[0]), key[1]), must)
