@@ -14,6 +14,11 @@ images' device (so checkpoints that save the RNG resume exactly):
 - ``brightness``: add U(-0.5, 0.5);
 - ``contrast``: scale each image's deviation from its mean by U(0.5, 1.5).
 
+``probability`` (``--augment-p``) below 1 applies each policy to each image only with that
+probability, as adaptive augmentation (ADA, Karras et al. 2020) does: on the phantoms, translation
+and cutout applied always leave a faint 4 px grid in the generators, and 0.5 kept their SWD gain
+with less of it (``benchmarks/README.md``).
+
 DiffAugment's colour *saturation* is left out: on grey slices, or one modality repeated to three
 channels, it changes nothing. Translation and cutout fill with -1 rather than DiffAugment's 0
 because -1 is this schema's background, and a 0 frame would be an easy tell for the critic.
@@ -44,11 +49,16 @@ def parse_policy(text: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(n for n in POLICIES if n in names)
 
 
-def diff_augment(x: torch.Tensor, policy: Sequence[str]) -> torch.Tensor:
-    """Images ``(B, C, H, W)`` -> augmented images, differentiable with respect to ``x``."""
+def diff_augment(x: torch.Tensor, policy: Sequence[str], probability: float = 1.0) -> torch.Tensor:
+    """Images ``(B, C, H, W)`` -> augmented images, differentiable with respect to ``x``; each policy
+    reaches each image with ``probability`` (1: always, drawing nothing more, as DiffAugment)."""
     for name in POLICIES:
         if name in policy:
-            x = _AUGMENTS[name](x)
+            augmented = _AUGMENTS[name](x)
+            if probability < 1:
+                chosen = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < probability
+                augmented = torch.where(chosen, augmented, x)
+            x = augmented
     return x
 
 

@@ -254,7 +254,7 @@ class Trainer:
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         """DiffAugment (``--augment``) of what the critic sees, real and fake alike; identity by default."""
-        return diff_augment(images, self.t.augment) if self.t.augment else images
+        return diff_augment(images, self.t.augment, self.t.augment_p) if self.t.augment else images
 
     def gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """``E[(|grad_x D(x_hat)| - 1)^2]`` at random interpolates, differentiable (double backward)."""

@@ -51,12 +51,25 @@ def test_augmentation_is_differentiable_seeded_and_shape_preserving():
     assert torch.equal(diff_augment(x.detach(), ()), x.detach())
 
 
+def test_a_probability_below_one_leaves_some_images_as_they_are():
+    x = torch.rand(64, 1, 16, 16, requires_grad=True)
+    torch.manual_seed(2)
+    out = diff_augment(x, ("cutout",), probability=0.5)
+    untouched = (out == x).flatten(1).all(1)
+    assert 10 < int(untouched.sum()) < 54, "about half of the images are cut"
+    out.sum().backward()
+    assert torch.equal(x.grad.flatten(1).all(1), untouched), "gradient flows unchanged through untouched images"
+
+
 def test_training_with_augment_runs_records_it_and_refuses_unknown_names(store: Path, tmp_path: Path):
     bad = run_cli("train", "--store", store, "--out", tmp_path / "bad", "--augment", "flip")
     assert bad.returncode == 2 and "--augment" in bad.stderr and not (tmp_path / "bad").exists()
+    bad = run_cli("train", "--store", store, "--out", tmp_path / "bad", "--augment-p", "1.5")
+    assert bad.returncode == 2 and "--augment-p (training.augment_p)" in bad.stderr and not (tmp_path / "bad").exists()
     run = tmp_path / "aug"
     run_cli("train", "--store", store, "--out", run, "--preset", "tiny", "--steps", "2", "--checkpoint-every", "2",
-            "--augment", "translation,cutout", "--num-workers", "0", env={"OMP_NUM_THREADS": "1"}, ok=True)
+            "--augment", "translation,cutout", "--augment-p", "0.5", "--num-workers", "0",
+            env={"OMP_NUM_THREADS": "1"}, ok=True)
     options = json.loads((run / "training_options.json").read_text())
-    assert options["training"]["augment"] == ["translation", "cutout"]
+    assert options["training"]["augment"] == ["translation", "cutout"] and options["training"]["augment_p"] == 0.5
     assert (run / "checkpoints" / "latest").read_text().strip() == "2"
