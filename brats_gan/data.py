@@ -177,7 +177,7 @@ class SliceStream(Dataset):
         self.runs = plan_runs(n, shard_length, chunk_length, run_length)
         self.dtype_np = np.dtype(summary.dtype)
         self.dtype = torch.from_numpy(np.empty(0, dtype=self.dtype_np)).dtype
-        self.cache_bytes = n * len(self.channel_index) * height * width * np.dtype(summary.dtype).itemsize
+        self.cache_bytes = n * len(self.channel_index) * height * width * self.dtype_np.itemsize
         self.cached = cache == "memory" or (cache == "auto" and self.cache_bytes <= AUTO_CACHE_MAX_BYTES)
         self.epoch = 0
         self._array: Any = None

@@ -89,13 +89,12 @@ def _check_channels(summaries: dict[str, Any], notes: list[str]) -> None:
                      "compared in stored order")
 
 
-def _check_train(summaries: dict[str, Any], stores: dict[str, Any]) -> None:
+def _check_train(real: Source, train: Source) -> None:
     """--real must be held-out data when --train is given, or the memorisation threshold is meaningless."""
-    real, train = stores["real"], stores["train"]
-    if Path(summaries["real"].path).resolve() == Path(summaries["train"].path).resolve():
+    if Path(real.summary.path).resolve() == Path(train.summary.path).resolve():
         raise CommandError("--real and --train are the same store: with --train, --real must be held-out real "
                            "slices (subjects the generator never saw)")
-    shared = set(real.subject.values.tolist()) & set(train.subject.values.tolist())
+    shared = set(real.store.subject.values.tolist()) & set(train.store.subject.values.tolist())
     if shared:
         raise CommandError(f"--real shares {len(shared)} subject(s) with --train (e.g. {min(shared)}): "
                            "with --train, --real must be held-out subjects")
@@ -217,12 +216,11 @@ def _check_args(args: argparse.Namespace, names: list[str], notes: list[str]) ->
         raise CommandError(f"--max-images must be at least {2 * SWD_MIN_IMAGES} (two real halves for the SWD floor)")
     summaries = _summaries(args)
     _check_channels(summaries, notes)
-    rng = np.random.default_rng(args.seed)
-    sources = {role: Source(s, open_store(s.path), np.empty(0, dtype=int)) for role, s in summaries.items()}
-    for role, source in sources.items():
-        source.indices = draw(source.summary.n_samples, None if role == "train" else args.max_images, rng)
+    rng = np.random.default_rng(args.seed)  # drawn in role order: real, fake (train is read whole)
+    sources = {role: Source(s, open_store(s.path), draw(s.n_samples, None if role == "train" else args.max_images, rng))
+               for role, s in summaries.items()}
     if "train" in sources:
-        _check_train(summaries, {role: s.store for role, s in sources.items()})
+        _check_train(sources["real"], sources["train"])
     real, fake = sources["real"], sources["fake"]
     if "swd" in names and swd_images_per_side(real.subjects, len(fake.indices), args.seed) < SWD_MIN_IMAGES:
         raise CommandError(f"too few slices for the SWD floor: {len(real.indices)} real and {len(fake.indices)} "

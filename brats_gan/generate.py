@@ -240,7 +240,7 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
     from tqdm import tqdm
 
     from brats_gan import __version__, schema
-    from brats_gan.preprocess import now_utc, seal_store, write_skeleton
+    from brats_gan.preprocess import seal_store, write_skeleton
     from brats_gan.preview import save_grid
 
     started = time.perf_counter()
@@ -270,7 +270,7 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
             "format": schema.FORMAT,
             "format_version": schema.FORMAT_VERSION,
             "tool_version": __version__,
-            "created": now_utc(),
+            "created": schema.now_utc(),
             "params": {
                 "modalities": list(checkpoint.channels),
                 "size": size,

@@ -17,7 +17,6 @@ How the work is laid out:
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import logging
 import shutil
@@ -227,7 +226,7 @@ def create_store(path: str, config: PreprocessConfig, planned: list[str], overwr
             "format": schema.FORMAT,
             "format_version": schema.FORMAT_VERSION,
             "tool_version": __version__,
-            "created": now_utc(),
+            "created": schema.now_utc(),
             "run_token": token,
             "params": config.params(),
             "subjects_planned": list(planned),
@@ -239,11 +238,6 @@ def create_store(path: str, config: PreprocessConfig, planned: list[str], overwr
     _open_group(path).create_group(schema.PROGRESS_GROUP)  # here, once: workers creating it at once would race
     log.info("created %s for %d subjects x %d slices", path, len(planned), config.slices)
     return token
-
-
-def now_utc() -> str:
-    """The ``created`` attribute: UTC, to the second."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _open_group(path: str, mode: str = "r+"):

@@ -24,6 +24,7 @@ The contract (also in the README, "The store"):
 from __future__ import annotations
 
 import contextlib
+import datetime
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +36,11 @@ IMAGE = "image"
 DIMS = ("sample", "channel", "y", "x")
 SAMPLE_COORDS = ("subject", "slice_index", "tumour_fraction")
 PROGRESS_GROUP = "progress"
+
+
+def now_utc() -> str:
+    """The ``created`` attribute's format (UTC, to the second); run files use it too."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def chunk_samples(slices_per_subject: int, most: int = 8) -> int:

@@ -29,7 +29,6 @@ import contextlib
 import copy
 import csv
 import dataclasses
-import datetime
 import json
 import logging
 import math
@@ -206,7 +205,7 @@ class Trainer:
         if self.is_main:
             saved = {**options.to_json(), "model": dataclasses.asdict(self.model_config),
                      "world_size": env.world_size, "versions": _versions(),
-                     "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                     "written": schema.now_utc()}
             atomic_write_text(self.run_dir / OPTIONS_FILE, json.dumps(saved, indent=2) + "\n")
         self._barrier()
         self.metrics = MetricsLog(self.run_dir, self.step) if self.is_main else None
@@ -369,7 +368,7 @@ class Trainer:
             state = {"step": self.step, "epoch": self.position.epoch, "batch": self.position.batch,
                      "world_size": self.env.world_size, "micro_batch": self.stream.batch_size,
                      "seed": self.t.seed, "preset": self.t.preset, "swd": swd,
-                     "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                     "saved": schema.now_utc()}
             atomic_write_text(folder / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
         self._barrier()
         if self.is_main:
