@@ -83,12 +83,12 @@ def deepspeed_trainer(preset: str, config: dict[str, Any], device: str, n_critic
                       seed: int) -> Trainer:
     """A Trainer with its engines and phases but no store, run folder or logs (``__init__`` needs
     those; ``train_step`` and its phases read only the attributes set here). Loss and augmentation
-    are the trainer's defaults: WGAN-GP, no DiffAugment."""
+    are the baseline's: WGAN-GP and no DiffAugment (the trainer's default augments, the baseline does not)."""
     trainer = Trainer.__new__(Trainer)
-    trainer.t = TrainingConfig(preset=preset, n_critic=n_critic, seed=seed, deepspeed=config)
+    trainer.t = TrainingConfig(preset=preset, n_critic=n_critic, seed=seed, augment=(), deepspeed=config)
     trainer.env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1)
     trainer.device = device
-    trainer.model_config = get_config(preset)
+    trainer.model_config = trainer.t.model
     trainer.run_dir = Path(tempfile.gettempdir())
     trainer.stream = SimpleNamespace(batch_size=batch_size, batches_per_epoch=sys.maxsize)
     trainer.step, trainer.position = 0, Position()
