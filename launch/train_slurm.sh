@@ -63,17 +63,17 @@ if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
     PER_NODE+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")  # newer srun no longer inherits it from sbatch
 fi
 
-# Mirrors brats_gan.train.read_latest: `latest` names a step whose trainer_state.json exists.
-has_checkpoint() {
-    local step
-    step=$(cat "$1/checkpoints/latest" 2>/dev/null) || return 1
-    [[ $step =~ ^[0-9]+$ && -f $1/checkpoints/$step/trainer_state.json ]]
+# The step RUN/checkpoints/latest names if that checkpoint is complete, as the trainer decides it.
+# (This script keeps no files beside it: sbatch runs a copy of it from its spool directory.)
+latest_step() {
+    python -c 'import sys; from brats_gan.checkpoints import read_latest
+step = read_latest(sys.argv[1]); sys.exit(1) if step is None else print(step)' "$1"
 }
 
 RESUME=()
-if has_checkpoint "$RUN"; then
+if STEP=$(latest_step "$RUN"); then
     RESUME=(--resume)
-    echo "resuming $RUN from step $(cat "$RUN/checkpoints/latest")"
+    echo "resuming $RUN from step $STEP"
 elif [[ -f $RUN/training_options.json || -d $RUN/checkpoints ]]; then
     ASIDE=$RUN.no-checkpoint-$(date +%Y%m%d-%H%M%S)
     echo "$RUN was stopped before its first checkpoint; moving it to $ASIDE and starting again"
