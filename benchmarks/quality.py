@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 AUGMENTS = ("none", "translation,cutout")
+BASELINE = ("transposed", "none")  # the poster's generator and recipe
 UPSAMPLES = {"transposed": ("tiny", "nearest"), "resize": ("tiny-resize", "nearest"),
              "resize-bilinear": ("tiny-resize", "bilinear")}
 
@@ -66,16 +67,16 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="keep the stores and runs in this folder")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()
+    variants = [(upsample, augment) for augment in AUGMENTS for upsample in args.upsample.split(",")]
+    unknown = {u for u, _ in variants} - set(UPSAMPLES)
+    if unknown:
+        parser.error(f"--upsample: unknown {', '.join(sorted(unknown))}; known: {', '.join(UPSAMPLES)}")
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="brats-gan-quality-"))
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     train, heldout = make_stores(root, args.train_subjects, args.heldout_subjects)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    variants = [(upsample, augment) for augment in AUGMENTS for upsample in args.upsample.split(",")]
-    unknown = {u for u, _ in variants} - set(UPSAMPLES)
-    if unknown:
-        parser.error(f"--upsample: unknown {', '.join(sorted(unknown))}; known: {', '.join(UPSAMPLES)}")
     runs = {}
     for first in range(0, len(variants), args.parallel):
         procs = {}
@@ -103,17 +104,21 @@ def main() -> None:
                      **{k: report.get(k) for k in ("swd", "swd_floor", "checkerboard", "checkerboard_real",
                                                    "checkerboard_levels", "ms_ssim_fake", "ms_ssim_real",
                                                    "memorisation_share")}})
+    baseline = next((r["swd"] for r in rows if (r["upsample"], r["augment"]) == BASELINE), None)
+    for r in rows:
+        r["swd_vs_baseline"] = None if baseline is None else round(r["swd"] / baseline, 3)
     result = {"rows": rows, "seconds": round(time.perf_counter() - started, 1), "folder": str(root)}
     if args.json:
         print(json.dumps(result))
         return
     print(f"{args.steps} steps per variant, {args.images} generated slices vs {args.heldout_subjects} held-out "
           f"subjects; runs in {root}")
-    head = f"{'upsample':<16} {'augment':<19} {'SWD':>7} {'floor':>7} {'checker':>8} {'real':>6} " \
+    head = f"{'upsample':<16} {'augment':<19} {'SWD':>7} {'/base':>6} {'floor':>7} {'checker':>8} {'real':>6} " \
            f"{'MS-SSIM':>8} {'real':>6} {'memorised':>9}  checkerboard per period 2/4/8/.. px"
     print(head)
     for r in rows:
-        print(f"{r['upsample']:<16} {r['augment']:<19} {r['swd']:7.1f} {r['swd_floor']:7.1f} {r['checkerboard']:8.2f} "
+        ratio = "-" if r["swd_vs_baseline"] is None else f"{r['swd_vs_baseline']:.3f}"
+        print(f"{r['upsample']:<16} {r['augment']:<19} {r['swd']:7.1f} {ratio:>6} {r['swd_floor']:7.1f} {r['checkerboard']:8.2f} "
               f"{r['checkerboard_real']:6.2f} {r['ms_ssim_fake']:8.3f} {r['ms_ssim_real']:6.3f} "
               f"{r['memorisation_share']:9.3f}  {' '.join(f'{v:.1f}' for v in r['checkerboard_levels'])}")
     print(f"({result['seconds']} s)")
