@@ -30,7 +30,7 @@ peak: the peak comes from ``--peak-tflops`` or, on CUDA, from a table keyed by d
 bf16; fp32 with TF32 off, which this script enforces for fp32 unless ``--tf32``). On CUDA the
 default is both dtypes, fp32 then bf16.
 
-Runs as one process: ``train.init_distributed`` makes it rank 0 of 1 (gloo on CPU, NCCL on CUDA) and
+Runs as one process: ``distributed.init_distributed`` makes it rank 0 of 1 (gloo on CPU, NCCL on CUDA) and
 sets the CPU threads to this process's cores unless OMP_NUM_THREADS is set; ``--threads`` overrides.
 """
 
@@ -56,7 +56,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from brats_gan.data import Position
-from brats_gan.distributed import DistEnv, init_distributed
+from brats_gan.distributed import DistEnv, init_distributed, shutdown_distributed
 from brats_gan.models import PRESETS, build_models, get_config
 from brats_gan.train import Trainer, frozen
 from brats_gan.train_config import TrainingConfig, load_deepspeed_config
@@ -350,7 +350,8 @@ def stdout_to_stderr(enabled: bool) -> Iterator[None]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    device = init_distributed(DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1))
+    env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1)
+    device = init_distributed(env)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cuda = device.startswith("cuda")
@@ -384,7 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_avg_end": [round(x, 2) for x in os.getloadavg()],
         "results": results,
     }
-    dist.destroy_process_group()
+    shutdown_distributed(env)
     return summary
 
 

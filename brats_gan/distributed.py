@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,12 @@ def configure_logging(env: DistEnv, verbose: bool) -> None:
         handler.addFilter(_RankFilter(env))
     for name in ("DeepSpeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def shutdown_distributed(env: DistEnv) -> None:
+    """The counterpart of :func:`init_distributed`: leave the process group, then free what DeepSpeed leaves."""
+    dist.destroy_process_group()
+    remove_shm_buffer(env)
 
 
 def remove_shm_buffer(env: DistEnv) -> None:

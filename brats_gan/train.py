@@ -65,7 +65,7 @@ from brats_gan.distributed import (
     DistEnv,
     configure_logging,
     init_distributed,
-    remove_shm_buffer,
+    shutdown_distributed,
 )
 from brats_gan.models import build_models
 from brats_gan.preview import save_grid
@@ -520,8 +520,7 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", err)
         return EXIT_DIVERGED
     finally:
-        dist.destroy_process_group()
-        remove_shm_buffer(env)
+        shutdown_distributed(env)
     log.info("done: %s at step %d", options.checkpoint.out, trainer.step)
     return 0
 
