@@ -3,6 +3,7 @@ and one two-rank training run that several test modules compare their runs with.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,29 +22,57 @@ def cli(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "brats_gan", *map(str, args)]
 
 
+HEAVY_MODULES = ("torch", "deepspeed")
+# `brats-gan ARGS`, then a last stdout line naming which of HEAVY_MODULES the command imported.
+_WATCHING_IMPORTS = ("import json, sys\nfrom brats_gan.cli import main\nrc = main(sys.argv[1:])\n"
+                     f"print('imported:', json.dumps([m for m in {HEAVY_MODULES!r} if m in sys.modules]))\n"
+                     "sys.exit(rc)")
+
+
 def run_cli(*args: str | Path, env: Mapping[str, str] | None = None, timeout: float = 600,
-            ok: bool = False) -> subprocess.CompletedProcess:
+            ok: bool = False, watch_imports: bool = False) -> subprocess.CompletedProcess:
     """Run `brats-gan ARGS` as a user does and wait for it; ``env`` is added to this environment.
 
     The result has ``stdout`` and ``stderr`` apart and ``output`` (both). With ``ok=True`` a non-zero
     exit fails the test, with the output in the message; otherwise the exit status is the caller's to check.
+    With ``watch_imports=True`` it also has ``imported``: the set of ``HEAVY_MODULES`` the command loaded
+    (a command that needs neither torch nor DeepSpeed must not pay for their start-up).
     """
-    proc = subprocess.run(cli(*args), check=False, capture_output=True, text=True, timeout=timeout,
+    command = [sys.executable, "-c", _WATCHING_IMPORTS, *map(str, args)] if watch_imports else cli(*args)
+    proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **env} if env else None)
     proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
+    if watch_imports:
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("imported: ")]
+        proc.imported = set(json.loads(lines[-1].removeprefix("imported: "))) if lines else None  # type: ignore[attr-defined]
     if ok:
         assert proc.returncode == 0, f"brats-gan {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.output}"
     return proc
 
 
+@pytest.fixture
+def one_thread():
+    """Small tensors: on a shared 2-core runner two OpenMP threads spin against other jobs (5 s vs 0.2 s)."""
+    import torch  # here: the session's other fixtures need no torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def shm_buffers() -> set[Path]:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm (one per rank and run)."""
+    return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def sweep_deepspeed_shm():
     """Remove the /dev/shm all-reduce buffers of DeepSpeed runs this session killed with SIGKILL
-    (a finished run unlinks its own; see brats_gan.train.remove_shm_buffer)."""
-    shm = Path("/dev/shm")
-    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    (a finished run unlinks its own; see brats_gan.distributed.remove_shm_buffer)."""
+    before = shm_buffers()
     yield
-    for leftover in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
+    for leftover in shm_buffers() - before:
         leftover.unlink(missing_ok=True)
 
 
@@ -86,12 +115,12 @@ def store(store_factory) -> Path:  # noqa: F811
 
 @pytest.fixture(scope="session")
 def uninterrupted(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two ranks on one node, 12 tiny steps, a checkpoint every 3: the reference the killed-and-resumed
+    """Two ranks on one node, UNINTERRUPTED_STEPS (12) tiny steps, a checkpoint every 3: the reference the killed-and-resumed
     run (test_train.py) and the two-node run (test_multinode.py) must reproduce. Read-only."""
     run = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    shm_before = shm_buffers()
     proc = launch("--store", store, "--out", run, "--steps", str(UNINTERRUPTED_STEPS), *TINY)
     assert proc.returncode == 0, proc.output
-    leaked = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm_before
+    leaked = shm_buffers() - shm_before
     assert not leaked, f"a finished run must not leave DeepSpeed's shared memory behind: {leaked}"
     return run

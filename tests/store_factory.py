@@ -159,3 +159,18 @@ def read_without_brats_gan(*stores: Path) -> list[dict]:
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def phantoms(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    """Ellipse "brains" with a smooth intensity gradient and a bright blob, on a -1 background, (n, 1, s, s)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    out = np.full((n, 1, size, size), -1.0, dtype=np.float32)
+    for i in range(n):
+        ry, rx = rng.uniform(0.3, 0.42, 2)
+        oy, ox = rng.uniform(-0.05, 0.05, 2)  # off-centre: a shape symmetric about a pixel has extra Nyquist energy
+        brain = ((yy - oy) / ry) ** 2 + ((xx - ox) / rx) ** 2 < 1
+        cy, cx = rng.uniform(-0.15, 0.15, 2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / rng.uniform(0.002, 0.01))
+        out[i, 0][brain] = (rng.uniform(-0.3, 0.1) + 0.3 * yy + 0.8 * blob)[brain]
+    return out

@@ -11,11 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_cli
-from store_factory import write_store
-from test_metrics import one_thread, phantoms  # noqa: F401  (one_thread: autouse fixture)
+from store_factory import phantoms, write_store
 
+from brats_gan import metrics as M
 from brats_gan.cli import main
 from brats_gan.models import build_models
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def subject_ids(prefix: str, n: int) -> list[str]:
@@ -117,10 +119,10 @@ def test_refuses_incompatible_channels_and_too_few_slices(stores, tmp_path, caps
                                       "--max-images", "4")
 
 
-def test_refuses_a_training_store_that_is_not_disjoint_from_the_held_out_one(stores, capsys) -> None:
+def test_refuses_a_training_store_that_is_not_disjoint_from_the_held_out_one(stores, tmp_path, capsys) -> None:
     same = _refused(capsys, "--real", str(stores["train"]), "--fake", str(stores["fake"]), "--train", str(stores["train"]))
     assert "same store" in same and "held-out" in same
-    copy_of_train = write_store(Path(str(stores["train"]) + "-copy.zarr"), images=phantoms(16, size=128, seed=3),
+    copy_of_train = write_store(tmp_path / "train-copy.zarr", images=phantoms(16, size=128, seed=3),
                                 subjects=subject_ids("BraTS-TRAIN", 2), synthetic=False)
     shared = _refused(capsys, "--real", str(copy_of_train), "--fake", str(stores["fake"]), "--train", str(stores["train"]))
     assert "shares 2 subject(s)" in shared
@@ -136,8 +138,8 @@ def test_refuses_unusable_inception_weights_before_reading_pixels(stores, tmp_pa
 
 def _torch_fidelity_importable() -> bool:
     try:
-        import torch_fidelity  # noqa: F401
-    except Exception:  # noqa: BLE001  (torchvision's CUDA wheel under a CPU torch raises RuntimeError)
+        M._torch_fidelity()
+    except M.MetricUnavailable:
         return False
     return True
 

@@ -13,13 +13,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
-from conftest import cli
+from conftest import cli, run_cli
 from PIL import Image
 from store_factory import read_without_brats_gan
 
@@ -30,13 +29,6 @@ from brats_gan.generate import find_checkpoint, weights_path
 from brats_gan.preprocess import PreprocessConfig, run_preprocess
 
 MODALITIES = ("flair", "t1ce", "t2")
-
-# `brats-gan generate`, then proof that DeepSpeed was never imported.
-GENERATE_WITHOUT_DEEPSPEED = (
-    "import sys; from brats_gan.cli import main; rc = main(sys.argv[1:]); "
-    "assert 'deepspeed' not in sys.modules, 'generate imported deepspeed'; raise SystemExit(rc)"
-)
-
 
 @pytest.fixture(scope="module")
 def real_store(phantoms_2020: Path, dask_client, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -80,10 +72,10 @@ def close(a: np.ndarray, b: np.ndarray) -> bool:
 def test_a_hundred_images_in_the_real_stores_schema_read_without_brats_gan(
         runs: dict[str, Path], real_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out, grid = tmp_path / "synthetic.zarr", tmp_path / "grid.png"
-    done = subprocess.run([sys.executable, "-c", GENERATE_WITHOUT_DEEPSPEED, "generate", "--checkpoint",
-                           str(runs["three"]), "--num", "100", "--out", str(out), "--grid", str(grid)],
-                          check=False, capture_output=True, text=True)
+    done = run_cli("generate", "--checkpoint", runs["three"], "--num", "100", "--out", out, "--grid", grid,
+                   watch_imports=True)
     assert done.returncode == 0, done.stderr
+    assert "deepspeed" not in done.imported, "generate imported deepspeed"
     assert f"{out}: 100 synthetic slices 3x64x64 (flair, t1ce, t2)" in done.stdout
     synthetic, real = read_without_brats_gan(out, real_store)
     assert not synthetic["brats_gan_imported"]

@@ -8,33 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from store_factory import phantoms
 
 from brats_gan import metrics as M
 from brats_gan.models import build_models
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: on a shared 2-core runner two OpenMP threads spin against other jobs (5 s vs 0.2 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def phantoms(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
-    """Ellipse "brains" with a smooth intensity gradient and a bright blob, on a -1 background, (n, 1, s, s)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
-    out = np.full((n, 1, size, size), -1.0, dtype=np.float32)
-    for i in range(n):
-        ry, rx = rng.uniform(0.3, 0.42, 2)
-        oy, ox = rng.uniform(-0.05, 0.05, 2)  # off-centre: a shape symmetric about a pixel has extra Nyquist energy
-        brain = ((yy - oy) / ry) ** 2 + ((xx - ox) / rx) ** 2 < 1
-        cy, cx = rng.uniform(-0.15, 0.15, 2)
-        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / rng.uniform(0.002, 0.01))
-        out[i, 0][brain] = (rng.uniform(-0.3, 0.1) + 0.3 * yy + 0.8 * blob)[brain]
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def node_environment() -> dict[str, str]:
     """This machine's environment with the threads per rank of the one-node reference run.
 
     Each "node" sees every core of this machine and would give its only rank all of them
-    (train.init_distributed: cores / ranks on this node), where the two-rank reference run gave each
+    (distributed.init_distributed: cores / ranks on this node), where the two-rank reference run gave each
     rank half. Intra-op threads change how convolutions sum, hence the weights (by about 1e-3
     after 12 steps), and two ranks both using every core oversubscribe the machine.
     """

@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -103,11 +102,9 @@ def test_existing_store_is_never_overwritten_and_other_parameters_are_refused(tm
     store = tmp_path / "s.zarr"
     base = ["preprocess", str(phantoms_2020), "--out", str(store), "--slices", "8", "--workers", "1",
             "--dashboard-port", "0", "--no-progress"]
-    code = ("import sys\nfrom brats_gan.cli import main\nrc = main(sys.argv[1:])\n"
-            "print('heavy:', sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))\nsys.exit(rc)")
-    first = subprocess.run([sys.executable, "-c", code, *base], capture_output=True, text=True)
+    first = run_cli(*base, watch_imports=True)
     assert first.returncode == 0, first.stderr
-    assert "heavy: []" in first.stdout, "preprocessing must not import torch or deepspeed"
+    assert first.imported == set(), "preprocessing must not import torch or deepspeed"
     before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
 
     again = run_cli(*base)

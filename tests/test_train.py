@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_cli
-from store_factory import sample_id, store_factory  # noqa: F401  (store_factory is a fixture)
+from store_factory import sample_id
 from training_runs import (
     LAUNCH_TIMEOUT,
     REPO,
@@ -46,7 +46,7 @@ from brats_gan.train_config import DEFAULT_DEEPSPEED, load_deepspeed_config
 # ------------------------------------------------------------------------------------------ data
 
 
-def test_ranks_share_each_epoch_without_overlap_or_duplicates(store_factory) -> None:  # noqa: F811
+def test_ranks_share_each_epoch_without_overlap_or_duplicates(store_factory) -> None:
     store = store_factory(subjects=5, slices=12)  # 60 samples: remainders for every world size below
     for world, batch in itertools.product((1, 2, 3, 4), (2, 4, 8)):
         streams = [SliceStream(str(store), batch_size=batch, image_size=64, rank=r, world_size=world, seed=7)
@@ -60,7 +60,7 @@ def test_ranks_share_each_epoch_without_overlap_or_duplicates(store_factory) -> 
         assert not np.array_equal(streams[0].rank_share(0), streams[0].rank_share(1)), "no reshuffle per epoch"
 
 
-def test_loader_delivers_the_planned_samples_from_any_position(store_factory) -> None:  # noqa: F811
+def test_loader_delivers_the_planned_samples_from_any_position(store_factory) -> None:
     store = store_factory(subjects=5, slices=12)
     stream = SliceStream(str(store), batch_size=4, image_size=256, rank=1, world_size=2, seed=3, cache="stream")
     rng_before = torch.get_rng_state()
@@ -83,7 +83,7 @@ def test_loader_delivers_the_planned_samples_from_any_position(store_factory) ->
         assert pa == pb and torch.equal(a, b)
 
 
-def test_channels_downsampling_and_cache_agree(store_factory) -> None:  # noqa: F811
+def test_channels_downsampling_and_cache_agree(store_factory) -> None:
     store = store_factory(subjects=2, slices=8, channels=("flair", "t1", "t2"))
     kwargs = {"batch_size": 4, "image_size": 64, "seed": 1}
     three = SliceStream(str(store), **kwargs)
@@ -102,7 +102,7 @@ def test_channels_downsampling_and_cache_agree(store_factory) -> None:  # noqa: 
         SliceStream(str(store), batch_size=8, image_size=64, world_size=3)
 
 
-def test_window_reads_match_zarr_with_channels_and_missing_shards_and_are_shared(store_factory, tmp_path: Path) -> None:  # noqa: F811
+def test_window_reads_match_zarr_with_channels_and_missing_shards_and_are_shared(store_factory, tmp_path: Path) -> None:
     import zarr
 
     store = tmp_path / "holes.zarr"
@@ -164,7 +164,7 @@ def _refused(capsys: pytest.CaptureFixture, argv: list[str], message: str) -> No
     assert message in capsys.readouterr().err
 
 
-def test_bad_input_is_refused_before_any_work(store: Path, store_factory, tmp_path: Path,  # noqa: F811
+def test_bad_input_is_refused_before_any_work(store: Path, store_factory, tmp_path: Path,
                                               capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
     common = ["--out", str(out), "--preset", "tiny", "--steps", "2"]
@@ -293,7 +293,7 @@ def test_a_finished_run_resumes_and_continues_counting(store: Path, uninterrupte
 
 @pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
-        store_factory, tmp_path: Path) -> None:  # noqa: F811
+        store_factory, tmp_path: Path) -> None:
     import zarr
 
     store = store_factory(subjects=4, slices=12, seed=5)
