@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from brats_gan.data import Position
+from brats_gan.data import Position, to_model
 from brats_gan.distributed import DistEnv, init_distributed, shutdown_distributed
 from brats_gan.models import PRESETS, build_models, get_config
 from brats_gan.train import Trainer, frozen
@@ -141,7 +141,7 @@ class TorchLoop:
         return torch.randn(n, self.config.latent_dim, device=self.device, dtype=self.dtype)
 
     def critic_step(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        real = real.to(self.device, self.dtype, non_blocking=True)
+        real = to_model(real, self.device, self.dtype, self.config.channels)
         with torch.no_grad():
             fake = self.generator(self.noise(real.shape[0]))
         real_score = self.critic(real).float().mean()
@@ -246,7 +246,7 @@ def make_batches(args: argparse.Namespace, image_size: int, channels: int, devic
     from brats_gan.data import SliceStream, iterate_batches
 
     stream = SliceStream(args.store, batch_size=args.batch_size, image_size=image_size, cache="memory")
-    return [b.contiguous().to(device) for _, b in islice(iterate_batches(stream), count)]
+    return [to_model(b, device, b.dtype, channels) for _, b in islice(iterate_batches(stream), count)]
 
 
 def cycle(batches: list[torch.Tensor]) -> Batches:

@@ -28,10 +28,12 @@ window. For a GAN whose critic sees ``n_critic`` batches per step that mixing is
 ``window_batches`` (memory: one window per worker) or lower ``run_length`` (reads get slower, and
 never below a chunk) for more.
 
-What a batch holds (its dtype is part of the contract): at store size (the paper's 256x256) the
-stored **float16** values themselves, exactly; when the model is smaller, **float32** area averages of
-them (computed from the float16 values in float32, as before). Consumers convert where the batch
-lands: ``Trainer.critic_step`` does ``real.to(device, dtype)``, ``Trainer.measure_swd`` ``.float()``;
+What a batch holds (its dtype and channels are part of the contract): the selected stored channels
+(one or three; a single channel is repeated to three only on the device, by :func:`to_model`), as a
+plain dense tensor that can be pinned; at store size (the paper's 256x256) the stored **float16**
+values themselves, exactly; when the model is smaller, **float32** area averages of them (computed
+from the float16 values in float32, as before). Consumers convert where the batch lands:
+``Trainer.critic_step`` through :func:`to_model`, ``Trainer.measure_swd`` ``.float()``;
 float16 -> float32 is exact, so the trainer trains on the same values as when the loader handed over
 float32, while a loader worker writes, and the training process maps and (on a GPU) pins, half the
 bytes: handing a 256x256 window over was the largest cost of the loader after the reads.
@@ -115,7 +117,7 @@ class SliceStream(Dataset):
     """This rank's micro-batches of a complete slice store, one shuffle window per item.
 
     ``stream[(epoch, w)]`` (or ``stream[w]`` after ``set_epoch(epoch)``) is window ``w`` of that epoch:
-    a tensor ``(k * batch_size, 3, image_size, image_size)`` in [-1, 1] (float16 as stored at store size,
+    a tensor ``(k * batch_size, channels, image_size, image_size)`` in [-1, 1] (float16 as stored at store size,
     float32 when downsampled; see the module docstring), whose consecutive
     groups of ``batch_size`` rows are this rank's micro-batches. Items are pure functions of their key,
     so loader workers can be persistent and a run can restart anywhere; :func:`iterate_batches` turns
@@ -309,17 +311,19 @@ class SliceStream(Dataset):
         return self._aio
 
     def transform(self, rows: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Stored rows -> 3-channel tensors at model size: at store size the stored float16 values
-        themselves (no copy), smaller sizes float32 area averages of them.
+        """Stored rows -> tensors at model size with the selected channels (one or three): at store size
+        the stored float16 values themselves (no copy), smaller sizes float32 area averages of them.
 
-        A single stored channel becomes three as an ``expand`` view: the copy happens where the
-        batch lands (on the device), not three times over in the loader and its worker pipes.
+        A single channel stays one: :func:`to_model` repeats it to three after the copy to the device,
+        so the loader, its worker pipes and the host-to-device copy move a third of the bytes, and every
+        batch is a plain dense tensor that ``pin_memory`` and non-blocking copies accept (an
+        ``expand`` view here, stride 0 on the channels, crashed the first CUDA batch).
         """
         x = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows)
         if self.image_size != self.store_size:
             x = area_downsample(x, self.image_size,
                                 out=_window_tensor((*x.shape[:2], self.image_size, self.image_size), torch.float32))
-        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        return x
 
     def __len__(self) -> int:
         return self.windows_per_epoch
@@ -337,6 +341,19 @@ class SliceStream(Dataset):
             self.read(indices, out=window.numpy())
             return self.transform(window)
         return self.transform(self.read(indices))
+
+
+def to_model(batch: torch.Tensor, device: str | torch.device, dtype: torch.dtype, channels: int = 3) -> torch.Tensor:
+    """A loader batch as the networks take it: copied to ``device`` (non-blocking: from pinned memory the
+    copy overlaps the previous step's work) and converted to ``dtype`` there, then a single stored channel
+    repeated to ``channels`` on the device, as the poster fed one FLAIR channel to a 3-channel network.
+    The one hand-over from the loader to a model: the trainer's critic and the benchmarks use it."""
+    x = batch.to(device, dtype, non_blocking=True)
+    if x.shape[1] == channels:
+        return x
+    if x.shape[1] != 1:
+        raise ValueError(f"a batch of {x.shape[1]} channels cannot feed a network of {channels}")
+    return x.repeat(1, channels, 1, 1)
 
 
 def area_downsample(images: np.ndarray | torch.Tensor, size: int, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -60,7 +60,7 @@ from brats_gan.checkpoints import (
     read_latest,
 )
 from brats_gan.cli import CommandError
-from brats_gan.data import Position, SliceStream, default_num_workers, iterate_batches
+from brats_gan.data import Position, SliceStream, default_num_workers, iterate_batches, to_model
 from brats_gan.distributed import (
     DistEnv,
     configure_logging,
@@ -232,7 +232,7 @@ class Trainer:
 
     def critic_step(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One critic update on a real micro-batch; returns (loss, Wasserstein estimate, penalty)."""
-        real = real.to(self.device, self.dtype, non_blocking=True)
+        real = to_model(real, self.device, self.dtype, self.model_config.channels)
         with torch.no_grad():
             fake = self.generator.module(self.noise(real.shape[0]))
         real, fake = self.augment(real), self.augment(fake)

@@ -281,6 +281,8 @@ def load_deepspeed_config(path: str | None, preset: str, world_size: int) -> dic
             raw = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{where}: is a directory; name a JSON file (e.g. deepspeed_configs/paper.json)") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"{where}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
@@ -321,7 +323,22 @@ def load_deepspeed_config(path: str | None, preset: str, world_size: int) -> dic
         DeepSpeedConfig(copy.deepcopy(probe))
     except Exception as err:  # noqa: BLE001  (pydantic and assertion errors; both name the field)
         raise ConfigError(f"{where}: {' '.join(str(err).split())}") from None
+    _check_precision(config, where)
     return config
+
+
+def _check_precision(config: dict[str, Any], where: str) -> None:
+    """Refuse a mixed precision this machine's accelerator lacks (fp16 on a CPU), which DeepSpeed would
+    only report inside ``initialize``, as a traceback on every rank."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    device = accelerator.device_name()
+    for dtype, supported, instead in (("fp16", accelerator.is_fp16_supported, "bf16 (deepspeed_configs/paper_bf16.json)"),
+                                      ("bf16", accelerator.is_bf16_supported, "fp16 or fp32")):
+        if config.get(dtype, {}).get("enabled") and not supported():
+            raise ConfigError(f"{where}: field '{dtype}.enabled': this machine's accelerator ({device}) does not "
+                              f"support {dtype} training; use {instead} or fp32 (deepspeed_configs/paper.json)")
 
 
 def build_options(args: argparse.Namespace, world_size: int) -> Options:
