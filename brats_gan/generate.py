@@ -87,6 +87,7 @@ class GenerateReport:
     grid: Path | None = None
     seconds: float = 0.0
     shape: tuple[int, ...] = field(default_factory=tuple)
+    device: str = "cpu"
 
 
 # ---------------------------------------------------------------- the checkpoint
@@ -301,7 +302,7 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
                 shown.append(images[: GRID_MAX - start])
             bar.update(len(images))
     seal_store(str(out))
-    report = GenerateReport(out, checkpoint, num, seed, shape=tuple(image.shape))
+    report = GenerateReport(out, checkpoint, num, seed, shape=tuple(image.shape), device=device)
     if grid is not None:
         report.grid = save_grid(np.concatenate(shown), grid)
     report.seconds = time.perf_counter() - started
@@ -335,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
     ck = report.checkpoint
     print(f"{report.out}: {report.num} synthetic slices {'x'.join(map(str, report.shape[1:]))} "
           f"({', '.join(ck.channels)}) from {ck.run} step {ck.step} ({ck.preset}), seed {report.seed}, "
-          f"{report.seconds:.1f} s")
+          f"on {report.device}, {report.seconds:.1f} s")
     if report.grid is not None:
         print(f"grid of the first {min(report.num, GRID_MAX)}: {report.grid}")
     return 0

@@ -84,6 +84,7 @@ METRICS_FILE = "metrics.csv"
 METRICS = ("step", "epoch", "critic_loss", "generator_loss", "wasserstein", "gradient_penalty",
            "step_s", "images_per_s", "swd", "time")
 EXIT_DIVERGED = 3
+EXIT_OUT_OF_MEMORY = 4
 
 
 class TrainingDiverged(RuntimeError):
@@ -284,9 +285,9 @@ class Trainer:
         batches = iterate_batches(self.stream, self.position, num_workers=self.num_workers,
                                   pin_memory=self.device != "cpu")
         sample_every = self.c.every if self.c.sample_every is None else self.c.sample_every
-        log.info("training %s from step %d to %d on %d rank(s): micro-batch %d, %d micro-batches per rank "
+        log.info("training %s from step %d to %d on %d rank(s) (%s): micro-batch %d, %d micro-batches per rank "
                  "per epoch, %s data, %d loader worker(s), %d thread(s) per rank", self.t.preset, self.step,
-                 self.t.steps, self.env.world_size, self.stream.batch_size, self.stream.batches_per_epoch,
+                 self.t.steps, self.env.world_size, self.device, self.stream.batch_size, self.stream.batches_per_epoch,
                  "cached" if self.stream.cached else "streamed", 0 if self.stream.cached else self.num_workers,
                  torch.get_num_threads())
         bar = tqdm(total=self.t.steps, initial=self.step, disable=not self.is_main, unit="step",
@@ -519,10 +520,30 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDiverged as err:
         log.error("%s", err)
         return EXIT_DIVERGED
+    except RuntimeError as err:  # torch.OutOfMemoryError, and cuBLAS/cuDNN allocation failures
+        if not is_out_of_memory(err):
+            raise
+        log.error("%s", out_of_memory_message(err, device, options.training.micro_batch))
+        return EXIT_OUT_OF_MEMORY
     finally:
         shutdown_distributed(env)
     log.info("done: %s at step %d", options.checkpoint.out, trainer.step)
     return 0
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """The device ran out of memory: torch's own error, or a library's allocation failure that torch reports
+    as a plain RuntimeError ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")."""
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
+
+
+def out_of_memory_message(err: BaseException, device: str, micro_batch: int) -> str:
+    """The device's out-of-memory error as a user can act on it: which micro-batch did not fit, and the knob."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    smaller = f" (e.g. {micro_batch // 2})" if micro_batch >= 4 else ""
+    return (f"out of memory on {device} with a micro-batch of {micro_batch} per rank ({first}); lower "
+            f"train_micro_batch_size_per_gpu in --deepspeed-config{smaller}, or use more ranks")
 
 
 def main(argv: list[str] | None = None) -> int:

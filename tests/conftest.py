@@ -17,6 +17,21 @@ from training_runs import REPO, TINY, UNINTERRUPTED_STEPS, launch
 REAL_CASE = REPO.parent / "shared/data/brats2023-sample"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` run only where torch sees a GPU; elsewhere they are skipped with the reason."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch  # here: collecting the rest of the suite needs no torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False); "
+                                   "run `python -m pytest -m cuda` on a machine with one")
+    for item in marked:
+        item.add_marker(skip)
+
+
 def cli(*args: str | Path) -> list[str]:
     """The command line of `brats-gan ARGS` run with this interpreter."""
     return [sys.executable, "-m", "brats_gan", *map(str, args)]

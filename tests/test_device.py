@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from training_runs import REPO, launch, metric_steps
+from training_runs import REPO, launch, metric_rows, metric_steps, model_states
 
 from brats_gan.data import SliceStream, iterate_batches, to_model
 
@@ -61,3 +61,91 @@ def test_every_batch_can_be_pinned_and_keeps_the_stored_channels(store_factory, 
 def test_a_batch_of_other_channels_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="2 channels cannot feed a network of 3"):
         to_model(torch.zeros(1, 2, 8, 8), "cpu", torch.float32)
+
+
+# ------------------------------------------------------------------------------------------ on a GPU
+
+PAPER = ["--preset", "paper", "--seed", "0", "--checkpoint-every", "2", "--swd-images", "16", "--samples", "16"]
+PRECISIONS = {  # fp32 streams through loader workers (pinned from their shared memory), bf16 from the cache
+    "fp32": ["--cache", "stream", "--num-workers", "2"],
+    "bf16": ["--cache", "memory", "--deepspeed-config", str(REPO / "deepspeed_configs" / "paper_bf16.json")],
+}
+LIMITED_MEMORY = ("import sys, torch\n"  # a GPU with 1 GiB free: the paper's 35.5 M parameters and Adam fit, a batch of 64 not
+                  "torch.cuda.set_per_process_memory_fraction(2**30 / torch.cuda.get_device_properties(0).total_memory)\n"
+                  "from brats_gan.cli import main\nsys.exit(main(sys.argv[1:]))")
+
+
+@pytest.fixture(scope="module")
+def paper_stores(store_factory) -> tuple[Path, Path]:
+    """64 one-channel FLAIR-like slices at 256 px (8 micro-batches of 8), and 32 of two held-out subjects."""
+    train = store_factory(subjects=4, slices=16)
+    heldout = store_factory(subjects=[f"BraTS-HELD-{i:05d}" for i in range(2)], slices=16, seed=1)
+    return train, heldout
+
+
+def _stored(store: Path):
+    import zarr
+
+    return zarr.open_group(str(store), mode="r")["image"][:].astype("float32")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+def test_the_paper_preset_trains_resumes_generates_and_evaluates_on_the_gpu(paper_stores, tmp_path: Path,
+                                                                           precision: str) -> None:
+    import math
+
+    import numpy as np
+
+    train, heldout = paper_stores
+    run = tmp_path / "run"
+    first = launch("--store", train, "--out", run, *PAPER, *PRECISIONS[precision], "--steps", "2", ranks=1)
+    assert first.returncode == 0, first.output
+    assert "(cuda:0)" in first.output, "the trainer must run on the GPU"
+    resumed = launch("--out", run, "--resume", "--steps", "4", ranks=1)
+    assert resumed.returncode == 0, resumed.output
+    assert "resumed from step 2" in resumed.output
+    assert metric_steps(run) == [1, 2, 3, 4]
+    for row in metric_rows(run):
+        for key in ("critic_loss", "generator_loss", "wasserstein", "gradient_penalty"):
+            assert math.isfinite(float(row[key])), row
+    assert all(math.isfinite(float(row["swd"])) for row in metric_rows(run) if int(row["step"]) in (2, 4))
+    weights = model_states(run, 4)["generator"]["module"]
+    expected = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {expected}
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_0000002.png", "step_0000004.png"]
+
+    on_gpu, on_cpu = tmp_path / "gpu.zarr", tmp_path / "cpu.zarr"
+    made = run_cli("generate", "--checkpoint", run, "--out", on_gpu, "--num", "32", "--grid", tmp_path / "grid.png",
+                   ok=True)
+    assert "on cuda" in made.stdout and (tmp_path / "grid.png").stat().st_size > 0
+    run_cli("generate", "--checkpoint", run, "--out", on_cpu, "--num", "32", env={"CUDA_VISIBLE_DEVICES": ""}, ok=True)
+    gpu, cpu = _stored(on_gpu), _stored(on_cpu)
+    assert gpu.shape == (32, 1, 256, 256) and np.isfinite(gpu).all()
+    difference = np.abs(gpu - cpu)  # the same images on either device, up to TF32 convolutions and float16 storage
+    assert difference.mean() < 0.01 and difference.max() < 0.1, (difference.mean(), difference.max())
+
+    evaluated = run_cli("evaluate", "--real", heldout, "--fake", on_gpu, "--train", train, "--json", ok=True)
+    figures = json.loads(evaluated.stdout)
+    for key in ("swd", "swd_floor", "checkerboard", "ms_ssim_fake", "memorisation_share"):
+        assert figures[key] is not None and math.isfinite(figures[key]), (key, figures[key])
+
+
+@pytest.mark.cuda
+def test_a_micro_batch_too_large_for_the_gpu_is_named_not_a_traceback(paper_stores, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    train, _ = paper_stores
+    config = json.loads((REPO / "deepspeed_configs" / "paper.json").read_text())
+    config["train_micro_batch_size_per_gpu"] = 64
+    (tmp_path / "big.json").write_text(json.dumps(config))
+    proc = subprocess.run([sys.executable, "-c", LIMITED_MEMORY, "train", "--store", str(train),
+                           "--out", str(tmp_path / "run"), "--preset", "paper", "--steps", "2",
+                           "--deepspeed-config", str(tmp_path / "big.json"), "--swd-images", "0",
+                           "--sample-every", "0"], capture_output=True, text=True, timeout=600, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 4, output
+    assert "out of memory on cuda" in output and "micro-batch of 64 per rank" in output
+    assert "train_micro_batch_size_per_gpu in --deepspeed-config (e.g. 32)" in output
+    assert "Traceback" not in output

@@ -44,9 +44,13 @@ def launch(*args: str | Path, ranks: int = 2) -> subprocess.CompletedProcess:
     return proc
 
 
-def metric_steps(run: Path) -> list[int]:
+def metric_rows(run: Path) -> list[dict[str, str]]:
     with open(run / "metrics.csv", newline="") as f:
-        return [int(row["step"]) for row in csv.DictReader(f)]
+        return list(csv.DictReader(f))
+
+
+def metric_steps(run: Path) -> list[int]:
+    return [int(row["step"]) for row in metric_rows(run)]
 
 
 def model_states(run: Path, step: int) -> dict[str, dict]:
