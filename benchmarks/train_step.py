@@ -274,12 +274,19 @@ def time_interleaved(sides: dict[str, Callable[[], Any]], warmup: int, steps: in
     return times
 
 
-def measure(args: argparse.Namespace, dtype_name: str, device: str) -> dict[str, Any]:
-    dtype = DTYPES[dtype_name]
-    config = load_deepspeed_config(None, args.preset, world_size=1)
-    config["train_micro_batch_size_per_gpu"] = args.batch_size
+def deepspeed_config(preset: str, dtype_name: str, batch_size: int, world_size: int = 1) -> dict[str, Any]:
+    """The preset's recipe at ``batch_size``; for bf16 what ``deepspeed_configs/paper_bf16.json`` adds.
+    ``end_to_end.py`` trains with the same config, so that the two figures compare like with like."""
+    config = load_deepspeed_config(None, preset, world_size=world_size)
+    config["train_micro_batch_size_per_gpu"] = batch_size
     if dtype_name == "bf16":
         config.update(bf16={"enabled": True}, data_types={"buffer_dtype": "bf16"})
+    return config
+
+
+def measure(args: argparse.Namespace, dtype_name: str, device: str) -> dict[str, Any]:
+    dtype = DTYPES[dtype_name]
+    config = deepspeed_config(args.preset, dtype_name, args.batch_size)
     adam = config["optimizer"]["params"]
     model = get_config(args.preset)
 
