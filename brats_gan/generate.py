@@ -211,22 +211,18 @@ def synthetic_ids(checkpoint: Checkpoint, seed: int, num: int) -> np.ndarray:
 # ---------------------------------------------------------------- the store
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an existing ``out`` unless ``--overwrite``, and even then anything but a synthetic store:
-    a real store costs a preprocessing run, and a folder of something else is not ours to delete."""
+def check_out(out: Path, overwrite: bool, run: Path) -> None:
+    """Refuse an existing ``out`` unless ``--overwrite``, and even then anything but a synthetic store
+    brats_gan wrote: a real store costs a preprocessing run, and a folder of something else is not ours
+    to delete. A file, an unwritable place or a folder holding the run are refused too."""
     from brats_gan import schema
 
-    if not out.exists():
-        return
-    if not overwrite:
-        raise CommandError(f"--out {out} already exists; pass --overwrite to replace it")
     try:
-        synthetic = schema.read_summary(str(out)).attrs.get("synthetic") is True
-    except schema.StoreError:
-        synthetic = False
-    if not synthetic:
-        raise CommandError(f"--out {out} exists and is not a synthetic slice store; --overwrite only replaces "
-                           "what `brats-gan generate` wrote")
+        schema.check_output(out, overwrite=overwrite, synthetic_only=True, keep=(run,))
+    except schema.StoreError as err:
+        raise CommandError(str(err)) from None
+    if out.exists() and not overwrite:
+        raise CommandError(f"--out {out} already exists; pass --overwrite to replace it")
 
 
 def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step: int | None = None,
@@ -253,7 +249,7 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
         raise CommandError(f"--seed must be at least 0, got {seed}")
     out = Path(out)
     checkpoint = find_checkpoint(run, step, channels, which)
-    check_out(out, overwrite)
+    check_out(out, overwrite, Path(run))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = load_generator(checkpoint, device)
     log.info("generator of %s step %d (%s) on %s", checkpoint.run, checkpoint.step, checkpoint.preset, device)

@@ -206,13 +206,29 @@ def write_skeleton(
         ds.to_zarr(path, mode="w", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
 
 
+def check_output(path: str, subjects: Sequence[Subject], *, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse an output that cannot be written or must not be replaced, before any cluster or task starts:
+    a file, an unwritable folder, a folder holding input subjects, and for ``--overwrite`` or
+    ``--resume`` anything but a store brats_gan wrote (``schema.check_output``)."""
+    inputs = sorted({file.parent for subject in subjects for file in subject.files.values()})
+    try:
+        schema.check_output(path, overwrite=overwrite, resume=resume, keep=inputs)
+    except schema.StoreError as err:
+        raise PreprocessError(str(err)) from None
+
+
 def create_store(path: str, config: PreprocessConfig, planned: list[str], overwrite: bool) -> str:
-    """Write the empty store: metadata, placeholder coordinates and attributes; returns the run token."""
+    """Write the empty store: metadata, placeholder coordinates and attributes; returns the run token.
+    An existing store is replaced only with ``overwrite``, and only one brats_gan wrote."""
     if store_exists(path):
         if not overwrite:
             raise PreprocessError(
                 f"{path} already exists; pass --resume to continue it or --overwrite to replace it"
             )
+        try:
+            schema.check_output(path, overwrite=True)
+        except schema.StoreError as err:
+            raise PreprocessError(str(err)) from None
         shutil.rmtree(path)
     n = len(planned) * config.slices
     token = uuid.uuid4().hex
@@ -492,6 +508,7 @@ def run_preprocess(
 
     started = time.perf_counter()
     store = str(store)
+    check_output(store, subjects, resume=resume, overwrite=overwrite)
     planned = [s.id for s in subjects]
     report = PreprocessReport(store)
     markers: dict[str, dict] = {}

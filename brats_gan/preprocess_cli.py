@@ -62,12 +62,13 @@ def _config(args: argparse.Namespace):
 def run_preprocess(args: argparse.Namespace) -> int:
     from brats_gan.cluster import dask_client
     from brats_gan.discover import DiscoveryError, discover_subjects, select_subjects
-    from brats_gan.preprocess import PreprocessError, run_preprocess
+    from brats_gan.preprocess import PreprocessError, check_output, run_preprocess
 
     config = _config(args)
     try:
         subjects = select_subjects(discover_subjects(args.input), args.subjects)
-    except DiscoveryError as err:
+        check_output(args.out, subjects, resume=args.resume, overwrite=args.overwrite)
+    except (DiscoveryError, PreprocessError) as err:
         raise CommandError(str(err)) from None
     print(f"{len(subjects)} subjects, modalities {', '.join(config.modalities)}, "
           f"{config.slices} slices each -> {args.out}")

@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
+import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 FORMAT = "brats_gan.slices"
@@ -111,6 +114,61 @@ def read_summary(path: str) -> StoreSummary:
         dtype=str(image.dtype),
         attrs=attrs,
     )
+
+
+def written_by_brats_gan(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The attributes of a store brats_gan wrote at ``path`` (complete or not), read from the group's own
+    ``zarr.json``; None for anything else. Only such a store may ever be replaced."""
+    try:
+        meta = json.loads((Path(path) / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    attrs = meta.get("attributes") if isinstance(meta, dict) and meta.get("node_type") == "group" else None
+    return attrs if isinstance(attrs, dict) and attrs.get("format") == FORMAT else None
+
+
+def check_output(out: str | os.PathLike[str], *, overwrite: bool, resume: bool = False,
+                 keep: Sequence[str | os.PathLike[str]] = (), synthetic_only: bool = False,
+                 flag: str = "--out") -> None:
+    """Refuse, before any work, an ``out`` that cannot be written or must not be replaced.
+
+    ``--overwrite`` deletes only a store brats_gan wrote itself (by its attributes; with
+    ``synthetic_only``, only a synthetic one), never a folder holding one of ``keep`` (the inputs),
+    never anything else; a path that is a file, or whose folder is not writable, is refused too.
+    """
+    path = Path(out)
+    if path.is_file():
+        raise StoreError(f"{flag} {path} is a file, not a store folder; choose a new folder name")
+    resolved = path.resolve()
+    for precious in keep:
+        precious = Path(precious).resolve()
+        if resolved == precious or resolved in precious.parents:
+            raise StoreError(f"{flag} {path} holds the input {precious}; a store is never written over its "
+                             "input: choose another --out")
+    if path.exists():
+        if not (overwrite or resume):
+            return  # the caller refuses an existing store in its own words (resume, overwrite)
+        attrs = written_by_brats_gan(path)
+        what = "a synthetic store" if synthetic_only else "a store"
+        if resume and not overwrite and attrs is None:
+            raise StoreError(f"{flag} {path} exists and is not a store brats_gan wrote; --resume continues only "
+                             "a store that `brats-gan preprocess` started")
+        if overwrite and (attrs is None or (synthetic_only and attrs.get("synthetic") is not True)):
+            raise StoreError(f"{flag} {path} exists and is not {what} brats_gan wrote; --overwrite only replaces "
+                             f"{what} brats_gan wrote, never anything else: move it away or choose another --out")
+        writable = path
+    else:
+        writable = next(p for p in path.absolute().parents if p.exists())
+    if not os.access(writable, os.W_OK | os.X_OK):
+        reason = "a read-only file system" if _read_only(writable) else "no write permission"
+        raise StoreError(f"{flag} {path}: cannot write in {writable} ({reason})")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def require_complete(path: str) -> StoreSummary:

@@ -164,6 +164,8 @@ def test_refusals_exit_2_with_their_reason_and_write_nothing(
     options["data"]["store"] = str(tmp_path / "gone.zarr")
     (moved / "training_options.json").write_text(json.dumps(options))
 
+    (tmp_path / "notes.txt").write_text("not ours\n")
+
     def refused(run: Path, message: str, *args: str, target: Path = out) -> None:
         argv = ["generate", "--checkpoint", str(run), "--out", str(target), "--grid", str(grid), *args]
         assert cli_main(argv) == 2, argv
@@ -180,7 +182,9 @@ def test_refusals_exit_2_with_their_reason_and_write_nothing(
     refused(moved, "cannot tell which modalities the run was trained on")
     before = {p: p.stat().st_mtime_ns for p in real_store.rglob("*")}
     refused(runs["flair"], "already exists; pass --overwrite", target=real_store)
-    refused(runs["flair"], "not a synthetic slice store", "--overwrite", target=real_store)
+    refused(runs["flair"], "is not a synthetic store brats_gan wrote", "--overwrite", target=real_store)
+    refused(runs["flair"], "holds the input", "--overwrite", target=runs["flair"].parent)
+    refused(runs["flair"], "is a file", "--overwrite", target=grid.parent / "notes.txt")
     assert {p: p.stat().st_mtime_ns for p in real_store.rglob("*")} == before
 
     named = generated(moved, out, "--num", "4", "--channels", *MODALITIES)

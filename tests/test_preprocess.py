@@ -118,6 +118,35 @@ def test_existing_store_is_never_overwritten_and_other_parameters_are_refused(tm
     assert zarr.open_group(store, mode="r").attrs["complete"] is True
 
 
+def test_overwrite_and_resume_never_touch_what_brats_gan_did_not_write(tmp_path, phantoms_2020, capsys):
+    from brats_gan.cli import main as cli_main
+
+    data = copy_dataset(phantoms_2020, tmp_path / "data" / phantoms_2020.name)
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "chapter1.tex").write_text("four years of work\n")
+    (tmp_path / "notes.txt").write_text("a file\n")
+
+    def snapshot() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    before = snapshot()
+    for out, flags, message in [
+        (thesis, ["--overwrite"], "is not a store brats_gan wrote; --overwrite only replaces"),
+        (thesis, ["--resume"], "--resume continues only a store that `brats-gan preprocess` started"),
+        (data, ["--overwrite"], "holds the input"),  # the dataset itself
+        (data.parent, ["--overwrite"], "holds the input"),  # a folder above it
+        (tmp_path / "notes.txt", [], "is a file, not a store folder"),
+        (tmp_path / "notes.txt", ["--overwrite"], "is a file, not a store folder"),
+    ]:
+        argv = ["preprocess", str(data), "--out", str(out), "--workers", "1", "--dashboard-port", "0", *flags]
+        assert cli_main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert message in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
+        assert "dashboard" not in captured.out, "refused before any cluster starts"
+    assert snapshot() == before, "nothing a user owns is deleted or changed"
+
+
 @pytest.fixture(scope="module")
 def many_real(tmp_path_factory, real_case, dask_client) -> tuple[Path, Path]:
     """60 subjects whose FLAIR is the real case (symlinks), and a store written from them in one run."""
