@@ -57,6 +57,7 @@ from torch.utils.flop_counter import flop_registry
 
 from brats_gan.data import Position, to_model
 from brats_gan.distributed import DistEnv, init_distributed, shutdown_distributed
+from brats_gan.stopping import StopRequest
 from brats_gan.models import PRESETS, build_models, get_config
 from brats_gan.train import Trainer, frozen
 from brats_gan.train_config import TrainingConfig, load_deepspeed_config
@@ -92,6 +93,7 @@ def deepspeed_trainer(preset: str, config: dict[str, Any], device: str, n_critic
     trainer.run_dir = Path(tempfile.gettempdir())
     trainer.stream = SimpleNamespace(batch_size=batch_size, batches_per_epoch=sys.maxsize)
     trainer.step, trainer.position = 0, Position()
+    trainer.stop, trainer.stopped_by = StopRequest(), None
     torch.manual_seed(seed)
     generator, critic = build_models(trainer.model_config)
     trainer.generator = trainer._engine(generator, "generator")

@@ -9,7 +9,9 @@ replaced atomically. Shared by training, resuming and `brats-gan generate` (whic
 
 from __future__ import annotations
 
+import json
 import os
+import zipfile
 from pathlib import Path
 
 CHECKPOINTS = "checkpoints"
@@ -17,6 +19,8 @@ LATEST = "latest"
 BEST = "best"
 OPTIONS_FILE = "training_options.json"
 TRAINER_STATE = "trainer_state.json"
+ENGINES = ("generator", "critic")
+MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 def checkpoint_steps(run: str | Path, complete_only: bool = True) -> list[int]:
@@ -37,6 +41,78 @@ def read_latest(run: str | Path, pointer: str = LATEST) -> int | None:
     except (FileNotFoundError, ValueError):
         return None
     return step if (root / str(step) / TRAINER_STATE).is_file() else None
+
+
+def model_states_path(run: str | Path, step: int, engine: str = "generator") -> Path:
+    """An engine's weights (and, at ZeRO stage 0, its optimizer state) in checkpoint ``step``: DeepSpeed's
+    ``mp_rank_00_model_states.pt`` of tag ``engine``, a plain state dict under ``module``."""
+    return Path(run) / CHECKPOINTS / str(step) / engine / MODEL_STATES
+
+
+def checkpoint_problems(run: str | Path, step: int) -> list[str]:
+    """Why checkpoint ``step`` cannot be loaded; empty when it can. Every part must be there, and every
+    file torch wrote (a zip archive) must pass its CRC check: a copy or a disk cut short shows here,
+    before torch or DeepSpeed would fail on it. Nothing is unpickled."""
+    folder = Path(run) / CHECKPOINTS / str(step)
+    if not folder.is_dir():
+        return ["its folder is gone"]
+    try:
+        world = int(json.loads((folder / TRAINER_STATE).read_text())["world_size"])
+    except FileNotFoundError:
+        return [f"{TRAINER_STATE} is missing (the checkpoint was never finished)"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return [f"{TRAINER_STATE} is unreadable ({err})"]
+    problems = []
+    for path in [model_states_path(run, step, e) for e in ENGINES] + [folder / f"rng_rank{r}.pt" for r in range(world)]:
+        name = path.relative_to(folder)
+        try:
+            with zipfile.ZipFile(path) as archive:
+                broken = archive.testzip()
+        except FileNotFoundError:
+            problems.append(f"{name} is missing")
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            problems.append(f"{name} is cut short or corrupt ({err})")
+        else:
+            if broken is not None:
+                problems.append(f"{name} is corrupt (its part {broken} fails its checksum)")
+    return problems
+
+
+def usable_checkpoint(run: str | Path, pointer: str = LATEST) -> tuple[int | None, list[str]]:
+    """The checkpoint to load for ``pointer`` and one warning per checkpoint passed over on the way.
+
+    ``latest``: the step it names when that checkpoint loads, else the newest older one that does (what
+    is left after a partial copy, a full disk, or a pointer whose folder was deleted). ``best``: the step
+    it names, else the loadable checkpoint with the lowest SWD its trainer state records.
+    """
+    root = Path(run) / CHECKPOINTS
+    try:
+        named: int | None = int((root / pointer).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        named = None
+    if pointer == BEST:
+        ranked = sorted((swd, step) for step in checkpoint_steps(run) if (swd := _recorded_swd(run, step)) is not None)
+        candidates = [named] if named is not None else []
+        candidates += [step for _, step in ranked if step != named]
+    else:
+        older = [step for step in checkpoint_steps(run, complete_only=False) if named is None or step < named]
+        candidates = ([named] if named is not None else []) + sorted(older, reverse=True)
+    warnings = []
+    for step in candidates:
+        problems = checkpoint_problems(run, step)
+        if not problems:
+            return step, warnings
+        if step == named or (root / str(step) / TRAINER_STATE).exists():
+            warnings.append(f"checkpoint {step} ({root / str(step)}) cannot be loaded: {'; '.join(problems)}")
+    return None, warnings
+
+
+def _recorded_swd(run: str | Path, step: int) -> float | None:
+    try:
+        swd = json.loads((Path(run) / CHECKPOINTS / str(step) / TRAINER_STATE).read_text()).get("swd")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(swd) if isinstance(swd, (int, float)) else None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from brats_gan.stopping import stop_on_sigterm
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("brats_gan.preprocess_cli", "slice and normalise a BraTS folder into a Zarr store (Dask)"),
@@ -55,10 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        return int(args._run(args) or 0)
+        with stop_on_sigterm():
+            return int(args._run(args) or 0)
     except CommandError as err:
         print(f"brats-gan {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"brats-gan {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # SIGINT, or a stop by another signal that carries its exit status
+        status = getattr(err, "exit_status", 130)
+        print(f"brats-gan {args.command}: {'interrupted' if status == 130 else f'stopped by {err}'}", file=sys.stderr)
+        return status

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
@@ -14,11 +16,28 @@ WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": 268435456, "MALLOC_MMAP_THRESHOLD
 
 
 @contextlib.contextmanager
+def _ignoring_sigint() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class ClusterError(RuntimeError):
+    """No cluster to work with: a bad worker count, an unreachable or malformed scheduler address."""
+
+
+@contextlib.contextmanager
 def dask_client(
     workers: int | None = None,
     scheduler: str | None = None,
     dashboard_port: int = 8787,
     announce=print,
+    connect_timeout_s: float = 30.0,
 ) -> Iterator[distributed.Client]:  # noqa: F821
     """Yield a connected client; a LocalCluster listens on 127.0.0.1 only and is shut down afterwards.
 
@@ -31,8 +50,16 @@ def dask_client(
     if not logging.getLogger().isEnabledFor(logging.DEBUG):  # it logs every worker start and stop
         logging.getLogger("distributed").setLevel(logging.WARNING)
 
+    if workers is not None and workers < 1:
+        raise ClusterError(f"--workers must be at least 1, got {workers}")
     if scheduler:
-        with Client(scheduler) as client:
+        try:
+            client = Client(scheduler, timeout=connect_timeout_s)
+        except (OSError, TimeoutError, ValueError, TypeError) as err:
+            raise ClusterError(f"--scheduler {scheduler}: cannot connect within {connect_timeout_s:.0f} s "
+                               f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); is the scheduler "
+                               "running and the address tcp://HOST:PORT?") from None
+        with client:
             announce(f"Dask scheduler {scheduler}; dashboard: {client.dashboard_link}")
             yield client
         return
@@ -50,7 +77,10 @@ def dask_client(
         "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": WORKER_MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"],
         "distributed.worker.profile.enabled": False,
     }
-    with dask.config.set(tuned):
+    # Workers ignore SIGINT (the disposition survives their spawn): Ctrl-C reaches every process of the
+    # terminal's group, and this process alone should stop the run and shut them down, in one line
+    # rather than a traceback from each worker.
+    with dask.config.set(tuned), _ignoring_sigint():
         cluster = LocalCluster(
             n_workers=n,
             threads_per_worker=1,

@@ -7,11 +7,14 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ def init_distributed(env: DistEnv) -> str:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu" and env.local_rank == 0:
+        sweep_stale_shm_buffers()
     backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend)
     if accelerator.device_name() != "cpu":
@@ -91,15 +96,55 @@ def shutdown_distributed(env: DistEnv) -> None:
     remove_shm_buffer(env)
 
 
+SHM = Path("/dev/shm")
+SHM_BUFFER_PREFIX = "deepspeed_allreduce_buffer_"
+
+
+def _mapped_shm_names() -> set[str]:
+    """Names of the /dev/shm files that a live process (of those this user can inspect) has mapped."""
+    names = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if SHM_BUFFER_PREFIX in line:
+                names.add(Path(line.split(None, 5)[-1].removesuffix(" (deleted)")).name)
+    return names
+
+
+def sweep_stale_shm_buffers(min_age_s: float = 60.0) -> list[Path]:
+    """Unlink this user's DeepSpeed CPU all-reduce buffers that no live process maps: what runs killed with
+    SIGKILL leave (~48 MB a rank), which a node that requeues a job would otherwise collect until its
+    memory is full. Buffers younger than ``min_age_s`` are left alone (a starting run may not map its own yet)."""
+    ours = list(SHM.glob(f"{SHM_BUFFER_PREFIX}{os.getuid()}_*"))
+    if not ours:
+        return []
+    mapped, now, removed = _mapped_shm_names(), time.time(), []
+    for path in ours:
+        try:
+            if path.name in mapped or now - path.stat().st_mtime < min_age_s:
+                continue
+            size = path.stat().st_size
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+        log.info("removed %s (%.0f MB), left in /dev/shm by a killed run", path, size / 2**20)
+    return removed
+
+
 def remove_shm_buffer(env: DistEnv) -> None:
     """Unlink this rank's ``/dev/shm`` buffer of DeepSpeed's CPU shared-memory all-reduce.
 
     DeepSpeed 0.19 creates one ~48 MB segment per rank and run (named by user, master address and
     port) and never unlinks it: every CPU run leaked ~100 MB of RAM until /dev/shm filled the
     machine's memory. Unlinking after the process group is gone is safe: peers that still map it keep
-    their mapping. A run killed with SIGKILL cannot do this; ``tests/conftest.py`` sweeps after tests.
+    their mapping. A run killed with SIGKILL cannot do this; the next start on the node sweeps what it left
+    (:func:`sweep_stale_shm_buffers`).
     """
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+    name = (f"{SHM_BUFFER_PREFIX}{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{env.rank}")
     with contextlib.suppress(OSError):
         (Path("/dev/shm") / name).unlink()

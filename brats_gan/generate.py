@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 SHARD = 64  # samples per shard: the unit one write fills (8 chunks of 8)
 GRID_MAX = 100  # images drawn in --grid: the first ones of the store
 DEFAULT_BATCH = 32
-# DeepSpeed's file for model-parallel rank 0: without ZeRO partitioning, the whole generator.
-WEIGHTS_FILE = "mp_rank_00_model_states.pt"
 
 
 @dataclass(frozen=True)
@@ -69,13 +67,9 @@ class Checkpoint:
 
     @property
     def weights(self) -> Path:
-        return weights_path(self.run, self.step)
+        from brats_gan.checkpoints import model_states_path
 
-
-def weights_path(run: Path, step: int) -> Path:
-    from brats_gan.checkpoints import CHECKPOINTS
-
-    return run / CHECKPOINTS / str(step) / "generator" / WEIGHTS_FILE
+        return model_states_path(self.run, self.step)
 
 
 @dataclass
@@ -101,8 +95,10 @@ def find_checkpoint(run: str | Path, step: int | None = None,
         CHECKPOINTS,
         LATEST,
         OPTIONS_FILE,
+        checkpoint_problems,
         checkpoint_steps,
-        read_latest,
+        model_states_path,
+        usable_checkpoint,
     )
     from brats_gan.models import ModelConfig
 
@@ -117,17 +113,22 @@ def find_checkpoint(run: str | Path, step: int | None = None,
     except (ValueError, KeyError, TypeError) as err:
         raise CommandError(f"--checkpoint {run}: {options_path.name} is not readable training options ({err})") from None
     if step is None:
-        step = read_latest(run, which)
+        step, passed_over = usable_checkpoint(run, which)
+        for warning in passed_over:
+            log.warning("%s; using an older one", warning)
         if step is None:
             why = ("the run stopped before its first one" if which == LATEST else
                    "the run measured no SWD (--swd-images 0), or its best checkpoint is gone; try --which latest")
+            if passed_over:
+                why = f"none of its checkpoints can be loaded: {'; '.join(passed_over)}"
             raise CommandError(f"--checkpoint {run}: {run / CHECKPOINTS / which} names no complete checkpoint ({why})")
     elif step not in (available := checkpoint_steps(run)):
         listed = ", ".join(map(str, available)) or "none"
         raise CommandError(f"--step {step}: {run} has no complete checkpoint at step {step} (complete: {listed})")
-    weights = weights_path(run, step)
-    if not weights.is_file():
-        raise CommandError(f"--checkpoint {run}: {weights} is missing")
+    elif problems := checkpoint_problems(run, step):
+        raise CommandError(f"--step {step}: checkpoint {step} of {run} cannot be loaded: {'; '.join(problems)}")
+    if not model_states_path(run, step).is_file():
+        raise CommandError(f"--checkpoint {run}: {model_states_path(run, step)} is missing")
     data = options.get("data", {})
     return Checkpoint(run, step, preset, model, training_channels(data, model.channels, channels), data.get("store"))
 

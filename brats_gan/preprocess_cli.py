@@ -60,7 +60,7 @@ def _config(args: argparse.Namespace):
 
 
 def run_preprocess(args: argparse.Namespace) -> int:
-    from brats_gan.cluster import dask_client
+    from brats_gan.cluster import ClusterError, dask_client
     from brats_gan.discover import DiscoveryError, discover_subjects, select_subjects
     from brats_gan.preprocess import PreprocessError, check_output, run_preprocess
 
@@ -77,8 +77,13 @@ def run_preprocess(args: argparse.Namespace) -> int:
             report = run_preprocess(subjects, args.out, config, client, resume=args.resume,
                                     overwrite=args.overwrite, skip_invalid=args.skip_invalid,
                                     progress=not args.no_progress)
-    except PreprocessError as err:
+    except (PreprocessError, ClusterError) as err:
         raise CommandError(str(err)) from None
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM from a scheduler (stopping.Stopped)
+        status = getattr(err, "exit_status", 130)
+        how = "interrupted" if status == 130 else f"stopped by {err}"
+        print(f"brats-gan preprocess: {how}: {_kept(args.out, len(subjects))}", file=sys.stderr)
+        return status
     bad = sorted(report.invalid or report.skipped)
     if bad:
         print(f"\n{len(bad)} subject(s) could not be used:", file=sys.stderr)
@@ -94,6 +99,20 @@ def run_preprocess(args: argparse.Namespace) -> int:
     print(f"{args.out}: complete, {summary.n_subjects} subjects x {config.slices} slices "
           f"({len(report.stored)} this run), {len(summary.attrs.get('skipped', []))} skipped, {report.seconds:.1f} s")
     return 0
+
+
+def _kept(out: str, planned: int) -> str:
+    """What an interrupted run leaves, and how to go on."""
+    from brats_gan.preprocess import read_markers
+    from brats_gan.schema import written_by_brats_gan
+
+    if written_by_brats_gan(out) is None:
+        return "nothing was written"
+    try:
+        done = len(read_markers(out))
+    except Exception:  # noqa: BLE001  (a store cut short while its metadata was written)
+        return f"{out} was being created; start again with --overwrite"
+    return f"{out} keeps {done} of {planned} subjects; run the same command with --resume to finish it"
 
 
 def configure_info_parser(p: argparse.ArgumentParser) -> None:

@@ -35,6 +35,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -69,6 +70,7 @@ from brats_gan.distributed import (
 )
 from brats_gan.models import build_models
 from brats_gan.preview import save_grid
+from brats_gan.stopping import Stopped, StopRequest, stop_on_sigterm
 from brats_gan.train_config import (
     MONITORS,
     ConfigError,
@@ -172,8 +174,10 @@ class Trainer:
     """
 
     def __init__(self, options: Options, env: DistEnv, device: str, stream: SliceStream,
-                 resume_step: int | None) -> None:
+                 resume_step: int | None, stop: StopRequest | None = None) -> None:
         self.options, self.env, self.device, self.stream = options, env, device, stream
+        self.stop = stop or StopRequest()
+        self.stopped_by: int | None = None
         self.t, self.c = options.training, options.checkpoint
         self.run_dir = Path(self.c.out)
         self.is_main = env.rank == 0
@@ -295,9 +299,10 @@ class Trainer:
         redirect = logging_redirect_tqdm() if self.is_main else contextlib.nullcontext()
         try:
             with bar, redirect:
-                while self.step < self.t.steps:
+                while self.step < self.t.steps and self.stopped_by is None:
                     row = self.train_step(batches)
-                    checkpoint = self.step % self.c.every == 0 or self.step == self.t.steps
+                    checkpoint = (self.step % self.c.every == 0 or self.step == self.t.steps
+                                  or (self.stopped_by is not None and self.c.on_signal))
                     row["swd"] = self.measure_swd() if checkpoint else None
                     if self.metrics:
                         self.metrics.write(row)
@@ -328,9 +333,13 @@ class Trainer:
         bpe = self.stream.batches_per_epoch
         self.position = (Position(position.epoch, position.batch + 1) if position.batch + 1 < bpe
                          else Position(position.epoch + 1, 0))
-        values = torch.cat([torch.stack(critic).float().mean(0), g_loss.float().view(1)])
+        asked = 0.0 if self.stop.signum is None else 1.0  # rides along, so that every rank stops here
+        values = torch.cat([torch.stack(critic).float().mean(0), g_loss.float().view(1), g_loss.new_full((1,), asked, dtype=torch.float32)])
         dist.all_reduce(values)
-        c_loss, wasserstein, penalty, g_loss = (values / self.env.world_size).tolist()
+        *losses, stops = values.tolist()
+        c_loss, wasserstein, penalty, g_loss = (v / self.env.world_size for v in losses)
+        if stops > 0:
+            self.stopped_by = self.stop.signum or signal.SIGTERM
         step_s = time.perf_counter() - start
         real_images = self.stream.batch_size * self.env.world_size * self.t.n_critic
         row = {"step": self.step, "epoch": round(self.position.epoch + self.position.batch / bpe, 4),
@@ -515,8 +524,9 @@ def run(args: argparse.Namespace) -> int:
 
     device = init_distributed(env)
     try:
-        trainer = Trainer(options, env, device, stream, resume_step)
-        trainer.fit()
+        with StopRequest() as stop:
+            trainer = Trainer(options, env, device, stream, resume_step, stop)
+            trainer.fit()
     except TrainingDiverged as err:
         log.error("%s", err)
         return EXIT_DIVERGED
@@ -527,8 +537,26 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OUT_OF_MEMORY
     finally:
         shutdown_distributed(env)
+    if trainer.stopped_by is not None:
+        if trainer.is_main:
+            log.warning("%s", stopped_message(trainer))
+        return 128 + trainer.stopped_by
     log.info("done: %s at step %d", options.checkpoint.out, trainer.step)
     return 0
+
+
+def stopped_message(trainer: Trainer) -> str:
+    """What a stop by signal kept, and how to go on."""
+    name = signal.Signals(trainer.stopped_by).name
+    latest = read_latest(trainer.run_dir)
+    if latest is None:
+        kept = f"no checkpoint was written yet; move {trainer.run_dir} away and start again"
+    elif latest == trainer.step:
+        kept = f"checkpoint {latest} holds it; continue with --resume"
+    else:
+        kept = (f"{trainer.run_dir / CHECKPOINTS / LATEST} names step {latest}; continue with --resume "
+                f"(steps {latest + 1}-{trainer.step} are redone)")
+    return f"stopped by {name} after step {trainer.step}: {kept}"
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -555,15 +583,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return run(args)
+        with stop_on_sigterm():
+            return run(args)
     except CommandError as err:
         rank = os.environ.get("RANK")
         where = f" [rank {rank}]" if rank not in (None, "0") else ""
         print(f"brats_gan.train{where}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("brats_gan.train: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C twice, or SIGTERM before training started (stopping.Stopped)
+        print(f"brats_gan.train: {'stopped by ' + str(err) if isinstance(err, Stopped) else 'interrupted'}",
+              file=sys.stderr)
+        return getattr(err, "exit_status", 130)
 
 
 if __name__ == "__main__":

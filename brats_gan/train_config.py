@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +23,13 @@ from brats_gan.checkpoints import (
     LATEST,
     OPTIONS_FILE,
     TRAINER_STATE,
-    read_latest,
+    usable_checkpoint,
 )
 from brats_gan.cli import CommandError
 from brats_gan.data import DEFAULT_RUN_LENGTH, DEFAULT_WINDOW_BATCHES
 from brats_gan.models import RESIZE_MODES, UPSAMPLES, ModelConfig, get_config
+
+log = logging.getLogger(__name__)
 
 LOSSES = ("wgan-gp", "wgan-clip")
 CHECKPOINT_SWD_MIN_IMAGES = 16  # --swd-images: fewer make the SWD too noisy to choose the best checkpoint by
@@ -111,6 +114,7 @@ class CheckpointConfig:
     sample_every: int | None = None  # None: same as ``every``; 0: never
     samples: int = 16
     swd_images: int = 256  # generated vs real images for the SWD at each checkpoint; 0: none
+    on_signal: bool = False  # checkpoint the step at which SIGTERM/SIGUSR1 stops the run
 
 
 @dataclass(frozen=True)
@@ -138,13 +142,14 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--out": ("checkpoint", "out"), "--checkpoint-every": ("checkpoint", "every"),
     "--keep-checkpoints": ("checkpoint", "keep"), "--sample-every": ("checkpoint", "sample_every"),
     "--samples": ("checkpoint", "samples"), "--swd-images": ("checkpoint", "swd_images"),
+    "--checkpoint-on-signal": ("checkpoint", "on_signal"),
 }
 # Options that change the preset's network; None means the preset's own.
 MODEL_CHOICES = {("training", "upsample"), ("training", "resize_mode")}
 # What a resumed run may change; anything else would make it a different run.
 RESUMABLE_CHANGES = {("training", "steps"), ("checkpoint", "every"), ("checkpoint", "keep"),
                      ("checkpoint", "sample_every"), ("checkpoint", "samples"), ("data", "num_workers"),
-                     ("checkpoint", "swd_images"),
+                     ("checkpoint", "swd_images"), ("checkpoint", "on_signal"),
                      ("data", "store"), ("data", "cache")}
 
 
@@ -195,6 +200,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     ck.add_argument("--swd-images", type=int,
                     help=f"generated and real images whose SWD is measured at each checkpoint, to the CSV, "
                          f"TensorBoard and the `best` pointer (default {c.swd_images}; 0: none)")
+    ck.add_argument("--checkpoint-on-signal", action="store_true", default=None,
+                    help="on SIGTERM or SIGUSR1 (e.g. SLURM's --signal=USR1@120), checkpoint the current step "
+                         "before stopping; without it the run stops at the step boundary and keeps its last "
+                         "checkpoint")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -407,10 +416,14 @@ def check_run_folder(options: Options, world_size: int) -> int | None:
             raise ConfigError(f"--out {out} already exists; pass --resume to continue it, or choose a new folder "
                               "(a run is never overwritten)")
         return None
-    step = read_latest(out)
+    step, passed_over = usable_checkpoint(out)
+    for warning in passed_over:
+        log.warning("%s; resuming from an older one", warning)
     if step is None:
+        why = ("none of its checkpoints can be loaded" if passed_over
+               else "the run was stopped before its first one")
         raise ConfigError(f"--resume: {out / CHECKPOINTS / LATEST} names no complete checkpoint "
-                          "(the run was stopped before its first one); start it again in a new folder")
+                          f"({why}); start it again in a new folder")
     state = json.loads((out / CHECKPOINTS / str(step) / TRAINER_STATE).read_text())
     if state["world_size"] != world_size:
         raise ConfigError(f"--resume: checkpoint {step} was written by {state['world_size']} rank(s), this "

@@ -25,7 +25,8 @@ from store_factory import read_without_brats_gan
 from brats_gan.checkpoints import read_latest
 from brats_gan.cli import main as cli_main
 from brats_gan.discover import discover_subjects
-from brats_gan.generate import find_checkpoint, weights_path
+from brats_gan.checkpoints import model_states_path
+from brats_gan.generate import find_checkpoint
 from brats_gan.preprocess import PreprocessConfig, run_preprocess
 
 MODALITIES = ("flair", "t1ce", "t2")
@@ -107,7 +108,7 @@ def test_the_upsampling_given_to_train_is_the_one_generate_rebuilds(runs: dict[s
     shapes = {}
     for name, run in runs.items():
         checkpoint = find_checkpoint(run)
-        shapes[name] = {tuple(w.shape[-2:]) for k, w in torch.load(weights_path(run, checkpoint.step),
+        shapes[name] = {tuple(w.shape[-2:]) for k, w in torch.load(model_states_path(run, checkpoint.step),
                                                                      weights_only=True)["module"].items()
                         if k.startswith("up.") and w.ndim == 4}
         shapes[name, "model"] = (checkpoint.model.upsample, checkpoint.model.resize_mode)
@@ -189,3 +190,25 @@ def test_refusals_exit_2_with_their_reason_and_write_nothing(
 
     named = generated(moved, out, "--num", "4", "--channels", *MODALITIES)
     assert named.shape == (4, 3, 64, 64)
+
+
+def test_a_corrupt_or_missing_newest_checkpoint_falls_back_to_the_previous_one(
+        runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    run = tmp_path / "copied"
+    shutil.copytree(runs["flair"], run)  # checkpoints 2 and 4; latest names 4
+    reference = generated(runs["flair"], tmp_path / "step2.zarr", "--step", "2", "--num", "8")
+    weights = model_states_path(run, 4)
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    with caplog.at_level("WARNING"):
+        fell_back = generated(run, tmp_path / "truncated.zarr", "--num", "8")
+    assert np.array_equal(fell_back, reference), "the previous complete checkpoint's images"
+    assert "checkpoint 4" in caplog.text and "generator/mp_rank_00_model_states.pt is cut short" in caplog.text
+    assert cli_main(["generate", "--checkpoint", str(run), "--out", str(tmp_path / "named.zarr"), "--step", "4"]) == 2
+    assert "checkpoint 4 of" in capsys.readouterr().err
+
+    shutil.rmtree(run / "checkpoints" / "4")  # latest names a folder that is gone
+    assert np.array_equal(generated(run, tmp_path / "deleted.zarr", "--num", "8"), reference)
+    (model_states_path(run, 2, "critic")).write_bytes(b"not a zip")
+    assert cli_main(["generate", "--checkpoint", str(run), "--out", str(tmp_path / "none.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert "none of its checkpoints can be loaded" in err and "critic/mp_rank_00_model_states.pt" in err

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli
+from conftest import run_cli, shm_buffers
 from store_factory import sample_id
 from training_runs import (
     LAUNCH_TIMEOUT,
@@ -282,6 +282,90 @@ def test_kill_9_keeps_a_loadable_latest_and_resuming_matches_the_uninterrupted_r
     assert proc.returncode == 0, proc.output
     assert f"resumed from step {step}" in proc.output
     assert metric_steps(run) == list(range(1, 13)), "the log continues where the checkpoint was taken"
+    assert_same_weights(run, uninterrupted, 12)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_rank_after_one_step_checkpoints_it_and_resuming_matches(
+        store: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    """What SLURM's scancel or time limit does first: SIGTERM to every process of the job."""
+    run = tmp_path / "terminated"
+    shm_before = shm_buffers()
+    with open(tmp_path / "terminated.log", "w") as log:
+        proc = subprocess.Popen(launcher("--store", store, "--out", run, "--steps", "1000", "--checkpoint-on-signal",
+                                         *TINY), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        try:
+            deadline = time.monotonic() + LAUNCH_TIMEOUT
+            while not (run / "metrics.csv").exists() or len(metric_steps(run)) < 4:
+                assert proc.poll() is None, (tmp_path / "terminated.log").read_text()
+                assert time.monotonic() < deadline, "no training steps in time"
+                time.sleep(0.02)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+            deadline = time.monotonic() + 60  # the launcher exits at once; the ranks finish their step
+            while _group_alive(proc.pid):
+                assert time.monotonic() < deadline, "the ranks did not stop within 60 s of SIGTERM"
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    output = (tmp_path / "terminated.log").read_text()
+    step = read_latest(run)
+    assert step is not None and step == metric_steps(run)[-1], "the step at which it stopped is checkpointed"
+    assert output.count(f"stopped by SIGTERM after step {step}: checkpoint {step} holds it; continue with --resume") == 1
+    assert "Traceback" not in output, output
+    assert shm_buffers() <= shm_before, "every rank left the process group and freed DeepSpeed's buffer"
+    if step >= 12:
+        pytest.skip(f"the run was already at step {step} when SIGTERM landed")
+    proc = launch("--out", run, "--resume", "--steps", "12")
+    assert proc.returncode == 0, proc.output
+    assert metric_steps(run) == list(range(1, 13))
+    assert_same_weights(run, uninterrupted, 12)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_start_sweeps_deepspeed_buffers_that_no_process_maps(tmp_path: Path) -> None:
+    import mmap
+
+    from brats_gan.distributed import SHM, SHM_BUFFER_PREFIX, sweep_stale_shm_buffers
+
+    names = {kind: SHM / f"{SHM_BUFFER_PREFIX}{os.getuid()}_test_{os.getpid()}_{kind}" for kind in
+             ("orphan", "mapped", "young")}
+    try:
+        for path in names.values():
+            path.write_bytes(b"\0" * 4096)
+        for kind in ("orphan", "mapped"):
+            os.utime(names[kind], (time.time() - 600, time.time() - 600))
+        with open(names["mapped"], "r+b") as f, mmap.mmap(f.fileno(), 4096):  # a live run's buffer
+            removed = sweep_stale_shm_buffers()
+        assert names["orphan"] in removed and not names["orphan"].exists()
+        assert names["mapped"].exists() and names["young"].exists()
+    finally:
+        for path in names.values():
+            path.unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_resume_skips_a_cut_short_newest_checkpoint_and_still_matches(store: Path, uninterrupted: Path,
+                                                                      tmp_path: Path) -> None:
+    run = tmp_path / "copied"
+    shutil.copytree(uninterrupted, run)  # latest names 12; 9 is kept too
+    for name in ("critic/mp_rank_00_model_states.pt", "rng_rank1.pt"):
+        path = run / "checkpoints" / "12" / name
+        path.write_bytes(path.read_bytes()[:1000])
+    proc = launch("--out", run, "--resume", "--steps", "12")
+    assert proc.returncode == 0, proc.output
+    assert "checkpoint 12" in proc.output and "critic/mp_rank_00_model_states.pt is cut short" in proc.output
+    assert "resumed from step 9" in proc.output and "Traceback" not in proc.output
+    assert metric_steps(run) == list(range(1, 13))
     assert_same_weights(run, uninterrupted, 12)
 
 
