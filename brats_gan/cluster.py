@@ -49,6 +49,9 @@ def dask_client(
 
     if not logging.getLogger().isEnabledFor(logging.DEBUG):  # it logs every worker start and stop
         logging.getLogger("distributed").setLevel(logging.WARNING)
+        # a restarted worker is retried quietly (a task that keeps killing workers ends as KilledWorker,
+        # which the command reports); with SIGTERM to the job the workers die before this process stops
+        logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
 
     if workers is not None and workers < 1:
         raise ClusterError(f"--workers must be at least 1, got {workers}")
@@ -87,6 +90,8 @@ def dask_client(
             processes=True,
             host="127.0.0.1",
             dashboard_address=f"127.0.0.1:{dashboard_port}",
+            # workers' own warnings (a task cancelled on Ctrl-C, memory notices) stay in the dashboard's logs
+            silence_logs=logging.DEBUG if logging.getLogger().isEnabledFor(logging.DEBUG) else logging.ERROR,
         )
     with cluster, Client(cluster) as client:
         announce(f"Dask LocalCluster: {n} workers; dashboard: {client.dashboard_link}")

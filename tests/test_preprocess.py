@@ -147,6 +147,42 @@ def test_overwrite_and_resume_never_touch_what_brats_gan_did_not_write(tmp_path,
     assert snapshot() == before, "nothing a user owns is deleted or changed"
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_prints_one_line_keeps_what_was_stored_and_resume_finishes(tmp_path, signum):
+    from brats_gan.phantoms import write_phantom_dataset
+
+    (one,) = write_phantom_dataset(tmp_path / "one", n_subjects=1, shape=(64, 64, 40), modalities=("flair",),
+                                   with_seg=False)
+    flair = next(one.glob("*_flair.nii.gz"))
+    data = tmp_path / "data"
+    for i in range(1, 301):
+        sid = f"BraTS20_Training_{i:03d}"
+        (data / sid).mkdir(parents=True)
+        (data / sid / f"{sid}_flair.nii.gz").symlink_to(flair)
+    store = tmp_path / "s.zarr"
+    argv = ["preprocess", str(data), "--out", str(store), "--slices", "8", "--workers", "2", "--dashboard-port", "0",
+            "--no-progress"]
+    proc = subprocess.Popen(cli(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,  # signalled as a terminal or a scheduler does: the whole group
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        wait_for(lambda: len(markers(store)) >= 5, what="five subjects stored")
+        os.killpg(proc.pid, signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    said = [line for line in err.splitlines() if line.startswith("brats-gan preprocess: ")]
+    assert len(said) == 1 and "of 300 subjects; run the same command with --resume" in said[0], err
+    assert ("interrupted" if signum == signal.SIGINT else "stopped by SIGTERM") in said[0]
+    if signum == signal.SIGINT:  # the workers ignore Ctrl-C: this process alone stops them, quietly
+        assert [line for line in err.splitlines() if " INFO " not in line] == said, err
+    run_cli(*argv, "--resume", ok=True)
+    assert zarr.open_group(store, mode="r")["image"].shape[0] == 300 * 8
+
+
 @pytest.fixture(scope="module")
 def many_real(tmp_path_factory, real_case, dask_client) -> tuple[Path, Path]:
     """60 subjects whose FLAIR is the real case (symlinks), and a store written from them in one run."""
