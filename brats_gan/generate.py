@@ -239,6 +239,7 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
 
     from brats_gan import __version__, schema
     from brats_gan.preprocess import seal_store, write_skeleton
+    from brats_gan.verify import shard_checksum
     from brats_gan.preview import save_grid
 
     started = time.perf_counter()
@@ -291,13 +292,16 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
     )
     image = zarr.open_group(str(out), mode="r+", use_consolidated=False)[schema.IMAGE]
     shown: list[np.ndarray] = []
+    crcs: list[int] = []
     bar = tqdm(total=num, unit="image", desc="generate", disable=True if not progress or num <= SHARD else None)
     with bar:
         for start, images in synthesise(generator, checkpoint, num, seed, batch_size, device):
             image[start : start + len(images)] = images
+            crcs.append(shard_checksum(images))
             if grid is not None and start < GRID_MAX:
                 shown.append(images[: GRID_MAX - start])
             bar.update(len(images))
+    zarr.open_group(str(out), mode="r+", use_consolidated=False).attrs["shard_crc32"] = crcs
     seal_store(str(out))
     report = GenerateReport(out, checkpoint, num, seed, shape=tuple(image.shape), device=device)
     if grid is not None:

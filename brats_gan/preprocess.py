@@ -45,6 +45,7 @@ from brats_gan.transforms import (
     reorient_to_ras,
     select_slices,
 )
+from brats_gan.verify import shard_checksum
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +314,7 @@ def write_subject(path: str, token: str, prepared: PreparedSubject, slot: int) -
         attributes={
             "status": "stored",
             "slot": slot,
+            "crc32": shard_checksum(prepared.images),
             "slice_index": prepared.slice_index.tolist(),
             "tumour_fraction": [None if np.isnan(f) else float(f) for f in prepared.tumour_fraction],
         },
@@ -361,7 +363,9 @@ def finalize_store(path: str, config: PreprocessConfig, planned: list[str]) -> N
     )
     skipped = [{"subject": sid, "reason": markers[sid]["reason"]}
                for sid in planned if markers.get(sid, {}).get("status") == "skipped"]
-    group.attrs.update({"skipped": skipped, "n_subjects": len(ids)})
+    crcs = [markers[sid].get("crc32") for sid in ids]
+    group.attrs.update({"skipped": skipped, "n_subjects": len(ids),
+                        **({"shard_crc32": crcs} if all(c is not None for c in crcs) else {})})
     del group[schema.PROGRESS_GROUP]
     seal_store(path)
 

@@ -118,6 +118,9 @@ def _kept(out: str, planned: int) -> str:
 def configure_info_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", help="a store written by brats-gan preprocess or generate")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--verify", action="store_true",
+                   help="also read every shard: present, decodable, finite, in [-1, 1] and equal to the checksums "
+                        "its writer recorded (exit 1 when damaged)")
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -141,10 +144,21 @@ def run_info(args: argparse.Namespace) -> int:
         **({"checkpoint": s.attrs.get("checkpoint"), "seed": s.attrs.get("seed")} if s.attrs.get("synthetic") else {}),
         "params": s.attrs.get("params", {}),
     }
+    status = 0
+    if args.verify:
+        from brats_gan.verify import check_store
+
+        check = check_store(args.store, progress=not args.json)
+        info["verify"] = {"ok": check.ok, "shards": check.shards, "checksums": check.checksums,
+                          "seconds": round(check.seconds, 2),
+                          "problems": [{"where": who, "problem": what} for who, what in check.problems]}
+        status = 0 if check.ok else 1
     if args.json:
         print(json.dumps(info))
-        return 0
+        return status
     for key, value in info.items():
+        if key == "verify":
+            continue
         if isinstance(value, dict):
             print(f"{key}:")
             for k, v in value.items():
@@ -155,4 +169,10 @@ def run_info(args: argparse.Namespace) -> int:
                 print(f"  {item['subject']}: {item['reason']}")
         else:
             print(f"{key}: {value}")
-    return 0
+    if args.verify:
+        v = info["verify"]
+        what = "pixels and checksums" if v["checksums"] else "pixels (no checksums recorded: an older writer)"
+        print(f"verify: {'ok' if v['ok'] else 'DAMAGED'}, {v['shards']} shards read, {what}, {v['seconds']} s")
+        for problem in v["problems"]:
+            print(f"  {problem['where']}: {problem['problem']}", file=sys.stderr)
+    return status

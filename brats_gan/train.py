@@ -524,6 +524,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = init_distributed(env)
     try:
+        if options.data.verify:
+            check_store_on_ranks(options.data.store, env)
         with StopRequest() as stop:
             trainer = Trainer(options, env, device, stream, resume_step, stop)
             trainer.fit()
@@ -557,6 +559,24 @@ def stopped_message(trainer: Trainer) -> str:
         kept = (f"{trainer.run_dir / CHECKPOINTS / LATEST} names step {latest}; continue with --resume "
                 f"(steps {latest + 1}-{trainer.step} are redone)")
     return f"stopped by {name} after step {trainer.step}: {kept}"
+
+
+def check_store_on_ranks(store: str, env: DistEnv) -> None:
+    """Every shard of the store read and checked once before training (``brats_gan.verify``), each rank
+    its own share, and the findings shared so that every rank refuses the same damaged store together."""
+    from brats_gan.verify import check_store, rank_shards
+
+    summary = schema.read_summary(store)
+    length = summary.shards[0] if summary.shards else summary.n_samples
+    n_shards = -(-summary.n_samples // length)
+    report = check_store(store, rank_shards(n_shards, env.rank, env.world_size))
+    gathered: list[Any] = [None] * env.world_size
+    dist.all_gather_object(gathered, report.problems)
+    report.problems = sorted(p for part in gathered for p in part)
+    log.info("checked %s: %d shards on %d rank(s) in %.1f s (%s)", store, n_shards, env.world_size, report.seconds,
+             "pixels and checksums" if report.checksums else "pixels; no checksums recorded")
+    if not report.ok:
+        raise ConfigError(f"--store {report.describe()}; `brats-gan info --verify {store}` lists every problem")
 
 
 def is_out_of_memory(err: BaseException) -> bool:

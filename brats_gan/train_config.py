@@ -72,6 +72,7 @@ class DataConfig:
     num_workers: int | None = None  # None: data.default_num_workers(local world size)
     run_length: int = DEFAULT_RUN_LENGTH
     window_batches: int = DEFAULT_WINDOW_BATCHES
+    verify: bool = True  # read every shard once at start (brats_gan.verify); off: trust the store
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class Options:
 FLAGS: dict[str, tuple[str, str]] = {
     "--store": ("data", "store"), "--channels": ("data", "channels"), "--cache": ("data", "cache"),
     "--num-workers": ("data", "num_workers"), "--run-length": ("data", "run_length"),
-    "--window-batches": ("data", "window_batches"),
+    "--window-batches": ("data", "window_batches"), "--verify-store": ("data", "verify"),
     "--preset": ("training", "preset"), "--steps": ("training", "steps"), "--seed": ("training", "seed"),
     "--loss": ("training", "loss"), "--n-critic": ("training", "n_critic"),
     "--gp-lambda": ("training", "gp_lambda"), "--clip-value": ("training", "clip_value"),
@@ -149,7 +150,7 @@ MODEL_CHOICES = {("training", "upsample"), ("training", "resize_mode")}
 # What a resumed run may change; anything else would make it a different run.
 RESUMABLE_CHANGES = {("training", "steps"), ("checkpoint", "every"), ("checkpoint", "keep"),
                      ("checkpoint", "sample_every"), ("checkpoint", "samples"), ("data", "num_workers"),
-                     ("checkpoint", "swd_images"), ("checkpoint", "on_signal"),
+                     ("checkpoint", "swd_images"), ("checkpoint", "on_signal"), ("data", "verify"),
                      ("data", "store"), ("data", "cache")}
 
 
@@ -188,6 +189,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                       help="one stored channel (repeated to 3) or three (default: the store's only one or three)")
     data.add_argument("--cache", choices=("auto", "memory", "stream"),
                       help=f"keep the store in memory (auto: if <= 256 MiB) (default {d.cache})")
+    data.add_argument("--no-verify-store", dest="verify_store", action="store_false", default=None,
+                      help="skip the check of every shard at start (present, finite, in range, checksums): "
+                           "for a store just verified with `brats-gan info --verify`")
     data.add_argument("--num-workers", type=int, help="loader processes per rank (default: cores per rank - 1, <= 4)")
     data.add_argument("--run-length", type=int, help=f"samples per contiguous read (default {d.run_length})")
     data.add_argument("--window-batches", type=int,

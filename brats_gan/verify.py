@@ -1,0 +1,121 @@
+"""Checking a slice store's pixels before anything trusts them.
+
+``complete: true`` says that the writer finished; it cannot say that every file is still there or
+unchanged. Zarr reads a missing shard (a partial copy, an object store's hiccup) as its fill value, NaN,
+which training only shows as NaN losses far from the cause. So every shard is read here and must decode,
+hold finite values in [-1, 1] and, where the writer recorded them (``shard_crc32``), match the CRC-32 of
+the float16 pixels it wrote. Problems are named by subject.
+
+Shards are checked in parallel with Dask's threaded scheduler (zstd decoding and CRC-32 release the GIL);
+the trainer splits the shards between its ranks (:func:`rank_shards`) so each reads only its part.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from brats_gan import schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StoreCheck:
+    """What :func:`check_store` found: ``problems`` as ``(subjects, what)``, empty for a sound store."""
+
+    path: str
+    shards: int
+    checked: int
+    samples: int
+    checksums: bool
+    seconds: float = 0.0
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def describe(self, most: int = 5) -> str:
+        """One line: the first ``most`` problems and how many more."""
+        shown = "; ".join(f"{who}: {what}" for who, what in self.problems[:most])
+        more = f"; and {len(self.problems) - most} more" if len(self.problems) > most else ""
+        return f"{self.path}: {len(self.problems)} damaged shard(s): {shown}{more}"
+
+
+def shard_checksum(images: np.ndarray) -> int:
+    """The CRC-32 recorded for a shard: of its pixels as stored (float16, little-endian, C order)."""
+    return zlib.crc32(np.ascontiguousarray(images, dtype="<f2"))
+
+
+def rank_shards(n_shards: int, rank: int, world_size: int) -> range:
+    """The shards one rank checks: every ``world_size``-th, so ranks share the reading evenly."""
+    return range(rank, n_shards, world_size)
+
+
+def check_store(path: str | Path, shards: Sequence[int] | None = None, *, progress: bool = False) -> StoreCheck:
+    """Read ``shards`` (default: all) of a complete store and check each; raises StoreError only when the
+    store's metadata cannot be read at all."""
+    import dask
+    import zarr
+
+    started = time.perf_counter()
+    summary = schema.read_summary(str(path))
+    n = summary.n_samples
+    length = summary.shards[0] if summary.shards else n
+    n_shards = -(-n // length) if n else 0
+    wanted = list(range(n_shards) if shards is None else shards)
+    recorded = summary.attrs.get("shard_crc32")
+    checksums = isinstance(recorded, list) and len(recorded) == n_shards
+    with schema.quiet_consolidated_warning():
+        group = zarr.open_group(str(path), mode="r")
+    image = group[schema.IMAGE]
+    subjects = np.asarray(group["subject"][:], dtype=object) if "subject" in group else None
+
+    def check(i: int) -> str | None:
+        a, b = i * length, min((i + 1) * length, n)
+        try:
+            rows = image[a:b]
+        except Exception as err:  # noqa: BLE001  (codec and store errors of every kind)
+            return f"cannot be read or decoded ({type(err).__name__}: {err})"
+        finite = np.isfinite(rows)
+        if not finite.all():
+            missing = " (the shard file is probably missing: zarr fills it with NaN)" if not finite.any() else ""
+            return f"{rows.size - int(finite.sum())} of {rows.size} pixels are not finite{missing}"
+        low, high = float(rows.min()), float(rows.max())
+        if low < -1 or high > 1:
+            return f"pixels outside [-1, 1] ({low:g} to {high:g})"
+        if checksums and shard_checksum(rows) != int(recorded[i]):
+            return "pixels differ from those written (CRC-32 mismatch)"
+        return None
+
+    tasks = [dask.delayed(check, pure=False)(i) for i in wanted]
+    if progress and tasks:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar(minimum=1.0):
+            verdicts = dask.compute(*tasks, scheduler="threads")
+    else:
+        verdicts = dask.compute(*tasks, scheduler="threads") if tasks else ()
+    report = StoreCheck(str(path), n_shards, len(wanted), n, checksums)
+    for i, verdict in zip(wanted, verdicts):
+        if verdict is not None:
+            report.problems.append((_who(subjects, i * length, min((i + 1) * length, n), i), verdict))
+    report.seconds = time.perf_counter() - started
+    log.debug("checked %d of %d shards of %s in %.2f s", len(wanted), n_shards, path, report.seconds)
+    return report
+
+
+def _who(subjects: np.ndarray | None, a: int, b: int, shard: int) -> str:
+    names = sorted({str(s) for s in subjects[a:b] if s}) if subjects is not None else []
+    if not names:
+        return f"shard {shard} (samples {a}-{b - 1})"
+    if len(names) == 1:
+        return f"subject {names[0]} (shard {shard})"
+    return f"shard {shard} (samples {a}-{b - 1}, subjects {names[0]} to {names[-1]})"
