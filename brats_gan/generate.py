@@ -234,13 +234,8 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
     import time
 
     import torch
-    import zarr
-    from tqdm import tqdm
 
-    from brats_gan import __version__, schema
-    from brats_gan.preprocess import seal_store, write_skeleton
-    from brats_gan.verify import shard_checksum
-    from brats_gan.preview import save_grid
+    from brats_gan import locks
 
     started = time.perf_counter()
     if num < 1:
@@ -255,6 +250,25 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = load_generator(checkpoint, device)
     log.info("generator of %s step %d (%s) on %s", checkpoint.run, checkpoint.step, checkpoint.preset, device)
+
+    try:
+        with locks.exclusive(out, "brats-gan generate"):
+            return _write(checkpoint, out, num, seed, batch_size, grid, generator, device, progress, started)
+    except locks.Busy as err:
+        raise CommandError(str(err)) from None
+
+
+def _write(checkpoint: Checkpoint, out: Path, num: int, seed: int, batch_size: int, grid: str | Path | None,
+           generator: Generator, device: str, progress: bool, started: float) -> GenerateReport:
+    import time
+
+    import zarr
+    from tqdm import tqdm
+
+    from brats_gan import __version__, schema
+    from brats_gan.preprocess import seal_store, write_skeleton
+    from brats_gan.preview import save_grid
+    from brats_gan.verify import shard_checksum
 
     if out.exists():
         shutil.rmtree(out)

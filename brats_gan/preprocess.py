@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from brats_gan import __version__, schema
+from brats_gan import __version__, locks, schema
 from brats_gan.discover import Subject, canonical_modality
 from brats_gan.transforms import (
     SLICE_POLICIES,
@@ -506,13 +506,23 @@ def run_preprocess(
     skip_invalid: bool = False,
     progress: bool = True,
 ) -> PreprocessReport:
-    """Preprocess ``subjects`` into ``store`` on the Dask cluster behind ``client``."""
+    """Preprocess ``subjects`` into ``store`` on the Dask cluster behind ``client``, as its only writer."""
+    store = str(store)
+    check_output(store, subjects, resume=resume, overwrite=overwrite)
+    try:
+        with locks.exclusive(store, "brats-gan preprocess"):
+            return _preprocess(subjects, store, config, client, resume=resume, overwrite=overwrite,
+                               skip_invalid=skip_invalid, progress=progress)
+    except locks.Busy as err:
+        raise PreprocessError(str(err)) from None
+
+
+def _preprocess(subjects: list[Subject], store: str, config: PreprocessConfig, client, *, resume: bool,
+                overwrite: bool, skip_invalid: bool, progress: bool) -> PreprocessReport:
     from distributed import as_completed
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    store = str(store)
-    check_output(store, subjects, resume=resume, overwrite=overwrite)
     planned = [s.id for s in subjects]
     report = PreprocessReport(store)
     markers: dict[str, dict] = {}
@@ -560,6 +570,10 @@ def run_preprocess(
     except Exception as err:
         raise PreprocessError(f"preprocessing stopped: {type(err).__name__}: {err} "
                               f"({store} stays incomplete; fix the cause and re-run with --resume)") from err
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop tracking the tasks before the cluster closes under them
+        client.cancel(list(pending.futures))
+        pending.clear()
+        raise
     finally:
         bar.close()
     if planner.blocked:

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from brats_gan import schema
+from brats_gan import locks, schema
 from brats_gan.augment import diff_augment
 from brats_gan.checkpoints import (
     BEST,
@@ -526,7 +526,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if options.data.verify:
             check_store_on_ranks(options.data.store, env)
-        with StopRequest() as stop:
+        with run_folder_lock(options.checkpoint.out, env), StopRequest() as stop:
             trainer = Trainer(options, env, device, stream, resume_step, stop)
             trainer.fit()
     except TrainingDiverged as err:
@@ -559,6 +559,23 @@ def stopped_message(trainer: Trainer) -> str:
         kept = (f"{trainer.run_dir / CHECKPOINTS / LATEST} names step {latest}; continue with --resume "
                 f"(steps {latest + 1}-{trainer.step} are redone)")
     return f"stopped by {name} after step {trainer.step}: {kept}"
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: str, env: DistEnv) -> Iterator[None]:
+    """Rank 0 holds the run folder's lock (``brats_gan.locks``) for the whole run; when another process
+    holds it, every rank refuses together, naming that process."""
+    with contextlib.ExitStack() as stack:
+        refusal = [None]
+        if env.rank == 0:
+            try:
+                stack.enter_context(locks.exclusive(run_dir, "brats_gan.train"))
+            except locks.Busy as err:
+                refusal = [str(err)]
+        dist.broadcast_object_list(refusal, src=0)
+        if refusal[0] is not None:
+            raise ConfigError(f"--out {refusal[0]}")
+        yield
 
 
 def check_store_on_ranks(store: str, env: DistEnv) -> None:
