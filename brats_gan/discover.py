@@ -30,6 +30,8 @@ class Subject:
 
     id: str
     files: dict[str, Path] = field(hash=False, compare=False)
+    problems: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    """Modality -> why its file cannot be used (two candidates, a directory); reported per subject."""
 
     @property
     def number(self) -> int | None:
@@ -47,12 +49,23 @@ def canonical_modality(name: str) -> str:
 
 
 def _subject_in(folder: Path) -> Subject | None:
-    files: dict[str, Path] = {}
-    for path in folder.iterdir():
+    """The subject in ``folder``, or None when no file is named like one of its modalities. A modality with
+    two candidate files (``_flair.nii`` beside ``_flair.nii.gz``: which one a directory listing gives first
+    differs between file systems) or whose "file" is a directory is recorded as a problem, never guessed."""
+    found: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
         match = _FILE.match(path.name)
-        if match and match.group("subject") == folder.name and not path.is_dir():
-            files.setdefault(canonical_modality(match.group("modality")), path)
-    return Subject(folder.name, files) if files else None
+        if match and match.group("subject") == folder.name:
+            found.setdefault(canonical_modality(match.group("modality")), []).append(path)
+    files, problems = {}, {}
+    for modality, paths in found.items():
+        if len(paths) > 1:
+            problems[modality] = f"ambiguous {modality}: {' and '.join(p.name for p in paths)}; keep one of them"
+        elif paths[0].is_dir():
+            problems[modality] = f"{paths[0].name} is a directory, not a NIfTI file"
+        else:
+            files[modality] = paths[0]
+    return Subject(folder.name, files, problems) if found else None
 
 
 def _subjects_below(folder: Path) -> list[Subject]:

@@ -117,6 +117,9 @@ class PreparedSubject:
 def prepare_subject(subject: Subject, config: PreprocessConfig) -> PreparedSubject:
     """Load, reorient, check, select slices, normalise and pad one subject (runs on a worker)."""
     try:
+        for modality in (*config.modalities, "seg"):
+            if modality in subject.problems:
+                raise InvalidVolume(subject.problems[modality])
         missing = [m for m in config.modalities if m not in subject.files]
         if missing:
             raise InvalidVolume(f"missing modality {', '.join(missing)} (found: {', '.join(sorted(subject.files))})")

@@ -30,8 +30,13 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Decode a NIfTI-1 file into (data, affine), refusing what is not a usable 3-D MRI volume.
 
     The data is a read-only view on the inflated bytes, laid out by nibabel's header (dtype, offset,
-    Fortran order, scaling): going through ``Nifti1Image.dataobj`` would copy the whole volume once
-    more, which costs two thirds of the inflate itself.
+    Fortran order): going through ``Nifti1Image.dataobj`` would copy the whole volume once more, which
+    costs two thirds of the inflate itself.
+
+    The values are the stored ones, without the header's scale slope and intercept: the per-volume
+    normalisation (percentiles of the brain mapped to [-1, 1]) gives the same images for any positive
+    slope and any intercept, and the background stays exactly 0 as BraTS stores it. Applied, an intercept
+    of -100 turned the background into -100 and the whole volume into "brain" (wrong mask, wrong slices).
     """
     path = Path(path)
     try:
@@ -42,11 +47,11 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         shape = header.get_data_shape()
         data = np.frombuffer(raw, dtype=header.get_data_dtype(), count=int(np.prod(shape)),
                              offset=int(header.get_data_offset())).reshape(shape, order="F")
-        slope, inter = header.get_slope_inter()
-        if slope is not None and (slope != 1 or (inter or 0) != 0):
-            data = data * np.float32(slope) + np.float32(inter or 0)
+        slope, _ = header.get_slope_inter()
     except Exception as err:  # gzip, header and size errors all mean the same to the user
         raise InvalidVolume(f"{path.name}: unreadable or truncated ({type(err).__name__}: {err})") from err
+    if slope is not None and slope < 0:
+        raise InvalidVolume(f"{path.name}: negative scale slope {slope} in the header (intensities inverted)")
     if data.ndim != 3:
         raise InvalidVolume(f"{path.name}: expected a 3-D volume, got shape {data.shape}")
     if data.dtype.kind not in "iuf":
@@ -111,6 +116,10 @@ def check_not_constant(data: np.ndarray, brain_area: np.ndarray, name: str) -> N
         raise InvalidVolume(f"{name}: volume is empty (every voxel is 0)")
     if brain == data.size and data.min() == data.max():
         raise InvalidVolume(f"{name}: volume is constant (every voxel = {data.flat[0]})")
+    if brain == data.size:
+        raise InvalidVolume(f"{name}: no background voxel (stored value 0) to tell the brain from; brats_gan "
+                            f"needs skull-stripped volumes with a zero background, as BraTS stores them "
+                            f"(the corner voxel holds {data.flat[0]})")
 
 
 def select_slices(

@@ -56,3 +56,23 @@ def test_clear_errors_for_empty_folder_and_bad_selection(tmp_path):
         select_subjects(discover_subjects(tmp_path / "d"), "500-600")
     with pytest.raises(DiscoveryError, match="IDs not found"):
         select_subjects(discover_subjects(tmp_path / "d"), "BraTS2021_99999")
+
+
+def test_ambiguous_or_directory_modality_files_are_reported_never_guessed(tmp_path):
+    from brats_gan.preprocess import PreprocessConfig, prepare_subject
+
+    write_phantom_dataset(tmp_path, n_subjects=3, layout="2020", shape=(24, 24, 16), gz=True)
+    first, second, third = sorted(p for p in tmp_path.iterdir())
+    gz = first / f"{first.name}_flair.nii.gz"
+    (first / f"{first.name}_flair.nii").write_bytes(gz.read_bytes())  # the same scan twice, or two scans?
+    flair = second / f"{second.name}_flair.nii.gz"
+    flair.unlink()
+    flair.mkdir()
+    subjects = {s.id: s for s in discover_subjects(tmp_path)}
+    assert set(subjects) == {first.name, second.name, third.name}, "no subject vanishes"
+    config = PreprocessConfig(slices=4, size=32)
+    ambiguous = prepare_subject(subjects[first.name], config).error
+    assert ambiguous == (f"ambiguous flair: {first.name}_flair.nii and {first.name}_flair.nii.gz; keep one of them")
+    assert prepare_subject(subjects[second.name], config).error == f"{flair.name} is a directory, not a NIfTI file"
+    assert prepare_subject(subjects[third.name], config).error is None
+    assert "flair" in subjects[first.name].problems and "t1" in subjects[first.name].files

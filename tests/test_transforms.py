@@ -120,6 +120,42 @@ def test_tumour_fraction_from_segmentation(tmp_path):
     assert (p.tumour_fraction[inside] > 0.05).all() and (p.tumour_fraction[~inside] == 0).all()
 
 
+def _rescale_header(path, slope: float, inter: float) -> None:
+    """Set the NIfTI scale slope and intercept of an uncompressed file in place; the stored values stay."""
+    with open(path, "r+b") as f:
+        header = nib.Nifti1Header.from_fileobj(f)
+        header["scl_slope"], header["scl_inter"] = slope, inter
+        f.seek(0)
+        header.write_to(f)
+
+
+@pytest.mark.parametrize("slope, inter", [(1.0, -100.0), (2.5, 30.0), (0.125, 0.0)])
+def test_scale_slope_and_intercept_change_no_image_and_keep_the_background(tmp_path, slope, inter):
+    plain = _save(tmp_path, "S_001", _blob(), np.eye(4))
+    scaled_path = tmp_path / "S_002" / "S_002_flair.nii"
+    scaled_path.parent.mkdir()
+    nib.save(nib.Nifti1Image(_blob(), np.eye(4)), scaled_path)
+    _rescale_header(scaled_path, slope, inter)
+    assert (nib.load(scaled_path).dataobj.slope, nib.load(scaled_path).dataobj.inter) == (slope, inter)
+    config = PreprocessConfig(slices=8, size=64)
+    a = prepare_subject(plain, config)
+    b = prepare_subject(Subject("S_002", {"flair": scaled_path}), config)
+    assert a.error is None and b.error is None
+    np.testing.assert_array_equal(a.slice_index, b.slice_index)  # the same brain, so the same slices
+    np.testing.assert_array_equal(a.images, b.images)
+    assert (b.images == -1).mean() > 0.3, "the background stays background"
+
+
+def test_a_volume_without_zero_background_or_with_inverted_intensities_is_refused(tmp_path):
+    unstripped = _save(tmp_path, "S_001", _blob() + np.int16(7), np.eye(4))
+    assert "no background voxel (stored value 0)" in prepare_subject(unstripped, PreprocessConfig(slices=4)).error
+    inverted = tmp_path / "inverted.nii"
+    nib.save(nib.Nifti1Image(_blob(), np.eye(4)), inverted)
+    _rescale_header(inverted, -1.0, 0.0)
+    with pytest.raises(InvalidVolume, match="negative scale slope"):
+        load_volume(inverted)
+
+
 def test_constant_volume_is_refused(tmp_path):
     subject = _save(tmp_path, "S_001", np.full((20, 20, 12), 7, np.int16), np.eye(4))
     assert "constant (every voxel = 7)" in prepare_subject(subject, PreprocessConfig(slices=4)).error
