@@ -591,7 +591,11 @@ def _preprocess(subjects: list[Subject], store: str, config: PreprocessConfig, c
     report.seconds = time.perf_counter() - started
     if report.invalid:
         return report
-    finalize_store(store, config, planned)
+    try:
+        finalize_store(store, config, planned)
+    except OSError as err:  # a full disk or a quota while the coordinates and metadata are written
+        raise PreprocessError(f"cannot finish {store} ({err}); free space and run the same command with --resume "
+                              "(the subjects already stored may be redone)") from err
     report.complete = True
     report.seconds = time.perf_counter() - started
     return report

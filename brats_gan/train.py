@@ -87,10 +87,15 @@ METRICS = ("step", "epoch", "critic_loss", "generator_loss", "wasserstein", "gra
            "step_s", "images_per_s", "swd", "time")
 EXIT_DIVERGED = 3
 EXIT_OUT_OF_MEMORY = 4
+EXIT_UNSAVED = 5
 
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss: the run stops and keeps its last good checkpoint."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota): the run stops and keeps the previous one."""
 
 
 # ==================================================================================== the trainer
@@ -369,17 +374,20 @@ class Trainer:
         if self.is_main and folder.exists():
             shutil.rmtree(folder)
         self._barrier()
-        self.generator.save_checkpoint(str(folder), tag="generator", save_latest=False)
-        self.critic.save_checkpoint(str(folder), tag="critic", save_latest=False)
-        rng_path = folder / f"rng_rank{self.env.rank}.pt"
-        torch.save(rng_state(), rng_path.with_suffix(".tmp"))
-        os.replace(rng_path.with_suffix(".tmp"), rng_path)
-        if self.is_main:
-            state = {"step": self.step, "epoch": self.position.epoch, "batch": self.position.batch,
-                     "world_size": self.env.world_size, "micro_batch": self.stream.batch_size,
-                     "seed": self.t.seed, "preset": self.t.preset, "swd": swd,
-                     "saved": schema.now_utc()}
-            atomic_write_text(folder / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
+        try:
+            self.generator.save_checkpoint(str(folder), tag="generator", save_latest=False)
+            self.critic.save_checkpoint(str(folder), tag="critic", save_latest=False)
+            rng_path = folder / f"rng_rank{self.env.rank}.pt"
+            torch.save(rng_state(), rng_path.with_suffix(".tmp"))
+            os.replace(rng_path.with_suffix(".tmp"), rng_path)
+            if self.is_main:
+                state = {"step": self.step, "epoch": self.position.epoch, "batch": self.position.batch,
+                         "world_size": self.env.world_size, "micro_batch": self.stream.batch_size,
+                         "seed": self.t.seed, "preset": self.t.preset, "swd": swd,
+                         "saved": schema.now_utc()}
+                atomic_write_text(folder / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
+        except (OSError, RuntimeError) as err:  # a full disk; torch reports it as "unexpected pos ..."
+            raise CheckpointError(self._unsaved_message(folder, err)) from err
         self._barrier()
         if self.is_main:
             atomic_write_text(self.run_dir / CHECKPOINTS / LATEST, f"{self.step}\n")
@@ -388,6 +396,15 @@ class Trainer:
                 atomic_write_text(self.run_dir / CHECKPOINTS / BEST, f"{self.step}\n")
             self._prune()
             log.info("step %d: checkpoint %s", self.step, folder)
+
+    def _unsaved_message(self, folder: Path, err: BaseException) -> str:
+        usage = shutil.disk_usage(self.run_dir)
+        latest = read_latest(self.run_dir)
+        kept = (f"{self.run_dir / CHECKPOINTS / LATEST} still names step {latest}; free space and continue with "
+                "--resume" if latest is not None else "no earlier checkpoint exists")
+        reason = " ".join(str(err).split())[:200]
+        return (f"cannot write checkpoint {self.step} to {folder} ({type(err).__name__}: {reason}; "
+                f"{usage.free / 2**30:.2f} GiB free there): training stopped; {kept}")
 
     def _prune(self) -> None:
         root = self.run_dir / CHECKPOINTS
@@ -532,6 +549,9 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDiverged as err:
         log.error("%s", err)
         return EXIT_DIVERGED
+    except CheckpointError as err:
+        log.error("%s", err)
+        return EXIT_UNSAVED
     except RuntimeError as err:  # torch.OutOfMemoryError, and cuBLAS/cuDNN allocation failures
         if not is_out_of_memory(err):
             raise

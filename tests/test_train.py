@@ -324,6 +324,24 @@ def test_sigterm_stops_every_rank_after_one_step_checkpoints_it_and_resuming_mat
     assert_same_weights(run, uninterrupted, 12)
 
 
+def test_a_full_disk_at_a_checkpoint_stops_with_one_line_not_a_traceback(store: Path, uninterrupted: Path,
+                                                                          tmp_path: Path) -> None:
+    import resource
+
+    def small_files() -> None:  # every file this process writes stops at 1 MiB, as on a nearly full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    run = tmp_path / "full"
+    proc = subprocess.run([sys.executable, "-m", "brats_gan", "train", "--store", str(store), "--out", str(run),
+                           "--preset", "tiny", "--steps", "3", "--checkpoint-every", "1", "--sample-every", "0"],
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, preexec_fn=small_files,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # uninterrupted: the shared-memory op is built
+    assert proc.returncode == 5, proc.stderr
+    assert "cannot write checkpoint 1 to" in proc.stderr and "GiB free there): training stopped" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert read_latest(run) is None
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
