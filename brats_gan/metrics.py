@@ -323,7 +323,7 @@ def ms_ssim_scales(size: int) -> int:
     for n in range(len(MS_SSIM_BETAS), 0, -1):
         if size / 2 ** (n - 1) >= MS_SSIM_KERNEL and size // max(1, n - 1) ** 2 > MS_SSIM_KERNEL - 1:
             return n
-    raise ValueError(f"{size} px images are too small for MS-SSIM with an {MS_SSIM_KERNEL} px window")
+    raise MetricUnavailable(f"MS-SSIM not computed: {size} px images are smaller than its {MS_SSIM_KERNEL} px window")
 
 
 def ms_ssim_betas(scales: int) -> tuple[float, ...]:

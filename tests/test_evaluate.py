@@ -164,3 +164,14 @@ def test_inception_metrics_with_the_real_weights(stores, tmp_path) -> None:
                    "--inception-weights", weights, "--metrics", "inception", ok=True)
     out = json.loads(done.stdout)
     assert out["fid"] > 0 and np.isfinite(out["kid"]) and 0 <= out["precision"] <= 1 and 0 <= out["recall"] <= 1
+
+
+def test_stores_too_small_for_one_metric_get_the_others_and_a_note(tmp_path: Path) -> None:
+    real = write_store(tmp_path / "real.zarr", subjects=2, slices=8, size=8, seed=1, synthetic=False)
+    fake = write_store(tmp_path / "fake.zarr", subjects=1, slices=8, size=8, seed=2)
+    proc = run_cli("evaluate", "--real", real, "--fake", fake, "--json", "--metrics", "swd,ms_ssim,checkerboard",
+                   ok=True)
+    figures = json.loads(proc.stdout)
+    assert figures["ms_ssim_fake"] is None and figures["swd"] is not None and figures["checkerboard"] is not None
+    assert "MS-SSIM not computed: 8 px images are smaller than its 11 px window" in figures["notes"]
+    assert "Traceback" not in proc.stderr
