@@ -66,3 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         status = getattr(err, "exit_status", 130)
         print(f"brats-gan {args.command}: {'interrupted' if status == 130 else f'stopped by {err}'}", file=sys.stderr)
         return status
+    except Exception as err:  # noqa: BLE001  (unforeseen: one line for users, the traceback with -v)
+        if args.verbose:
+            raise
+        print(f"brats-gan {args.command}: error: {unexpected(err)}", file=sys.stderr)
+        return 1
+
+
+def unexpected(err: BaseException) -> str:
+    """An error no check foresaw, in one line, with the way to its traceback."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:500]} (run with -v for the traceback)"

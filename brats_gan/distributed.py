@@ -47,20 +47,26 @@ def init_distributed(env: DistEnv) -> str:
     The DeepSpeed launcher sets no OMP_NUM_THREADS, so every CPU rank would use every core (two
     CPU ranks: ~400 ms/step instead of ~110 ms): each rank gets cores / ranks-on-this-node unless the
     user set OMP_NUM_THREADS. Without the launcher DeepSpeed would fall back to MPI discovery (and fail
-    without mpi4py), so a single process describes itself as rank 0 of 1 on a free local port.
+    without mpi4py), so a single process describes itself as rank 0 of 1 and joins a group of its own.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // env.local_world_size))
+    accelerator = get_accelerator()
+    backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
     if "RANK" not in os.environ:
+        # One process, no launcher: the process group meets in an in-process store, so nothing listens on
+        # the network (a TCP store would listen on every interface); the variables still name DeepSpeed's
+        # shared-memory buffer uniquely.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    accelerator = get_accelerator()
+        if backend == "gloo":
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's own sockets: loopback, not the host's address
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if accelerator.device_name() == "cpu" and env.local_rank == 0:
         sweep_stale_shm_buffers()
-    backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend)
     if accelerator.device_name() != "cpu":
         accelerator.set_device(env.local_rank)

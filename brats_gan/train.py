@@ -60,7 +60,7 @@ from brats_gan.checkpoints import (
     checkpoint_steps,
     read_latest,
 )
-from brats_gan.cli import CommandError
+from brats_gan.cli import CommandError, unexpected
 from brats_gan.data import Position, SliceStream, default_num_workers, iterate_batches, to_model
 from brats_gan.distributed import (
     DistEnv,
@@ -651,6 +651,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"brats_gan.train: {'stopped by ' + str(err) if isinstance(err, Stopped) else 'interrupted'}",
               file=sys.stderr)
         return getattr(err, "exit_status", 130)
+    except Exception as err:  # noqa: BLE001  (unforeseen: one line, the traceback with -v)
+        if args.verbose:
+            raise
+        rank = os.environ.get("RANK")
+        where = f" [rank {rank}]" if rank not in (None, "0") else ""
+        print(f"brats_gan.train{where}: error: {unexpected(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

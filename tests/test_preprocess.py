@@ -277,3 +277,13 @@ def test_preview_draws_a_contact_sheet(tmp_path, phantoms_2020, dask_client):
     assert sheet.max() > 200 and (sheet == 0).mean() > 0.3, "bright brains on a black background"
     bad = run_cli("preview", tmp_path / "nothing.zarr")
     assert bad.returncode == 2 and "no Zarr store" in bad.stderr
+
+
+def test_an_unforeseen_error_is_one_line_and_its_traceback_comes_with_v(store_factory) -> None:
+    store = store_factory(subjects=2, slices=4, size=64)
+    plain = run_cli("preview", store, "--out", "/proc/grid.png")  # a place no check foresaw: not writable
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    (line,) = plain.stderr.strip().splitlines()
+    assert line.startswith("brats-gan preview: error: ") and line.endswith("(run with -v for the traceback)")
+    verbose = run_cli("-v", "preview", store, "--out", "/proc/grid.png")
+    assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr

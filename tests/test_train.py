@@ -350,6 +350,36 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def test_one_process_listens_on_loopback_only_and_sigterm_exits_143(store: Path, tmp_path: Path) -> None:
+    import ipaddress
+
+    import psutil
+
+    run = tmp_path / "one"
+    with open(tmp_path / "one.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "brats_gan", "train", "--store", str(store), "--out", str(run),
+                                 "--preset", "tiny", "--steps", "1000", "--checkpoint-every", "1000"],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            deadline = time.monotonic() + LAUNCH_TIMEOUT
+            while not (run / "metrics.csv").exists() or not metric_steps(run):
+                assert proc.poll() is None, (tmp_path / "one.log").read_text()
+                assert time.monotonic() < deadline, "no step in time"
+                time.sleep(0.05)
+            listening = [c.laddr.ip for c in psutil.Process(proc.pid).net_connections(kind="inet")
+                         if c.status == psutil.CONN_LISTEN]
+            assert all(ipaddress.ip_address(ip).is_loopback for ip in listening), listening
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 143
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output = (tmp_path / "one.log").read_text()
+    step = metric_steps(run)[-1]
+    assert f"stopped by SIGTERM after step {step}: no checkpoint was written yet; move {run} away" in output
+
+
 def test_a_start_sweeps_deepspeed_buffers_that_no_process_maps(tmp_path: Path) -> None:
     import mmap
 
