@@ -66,7 +66,7 @@ def dask_client(
             announce(f"Dask scheduler {scheduler}; dashboard: {client.dashboard_link}")
             yield client
         return
-    n = workers or os.cpu_count() or 1
+    n = workers or len(os.sched_getaffinity(0))  # the cores this job may use, not the whole node's
     # Each subject allocates and frees a few 18 MB buffers. With glibc's defaults the freed heap is
     # trimmed back to the OS and faulted in afresh for the next subject (10 K page faults and a third
     # of the task's time); the nanny's own MALLOC_TRIM_THRESHOLD_=65536 is worse still, since setting

@@ -32,10 +32,29 @@ distributed:
       enabled: false
 YAML
 
-dask scheduler --scheduler-file "$SCHED_FILE" --dashboard-address :8787 &
-while [ ! -f "$SCHED_FILE" ]; do sleep 1; done
+# The job owns its scheduler and workers: a free port for each (several jobs may share a node), a
+# bounded wait for the scheduler to start, and both stopped when the script ends, however it ends.
+rm -f "$SCHED_FILE"  # a requeued job keeps its id: never read the previous run's address
+dask scheduler --scheduler-file "$SCHED_FILE" --port 0 --dashboard-address :0 &
+SCHED_PID=$!
+WORKERS_PID=
+cleanup() {
+    [[ -n $WORKERS_PID ]] && kill "$WORKERS_PID" 2>/dev/null
+    kill "$SCHED_PID" 2>/dev/null
+    wait 2>/dev/null
+    rm -f "$SCHED_FILE"
+}
+trap cleanup EXIT
+for _ in $(seq 120); do
+    [[ -s $SCHED_FILE ]] && break
+    kill -0 "$SCHED_PID" 2>/dev/null || { echo "error: the Dask scheduler exited; see its messages above" >&2; exit 1; }
+    sleep 1
+done
+[[ -s $SCHED_FILE ]] || { echo "error: the Dask scheduler did not start within 120 s" >&2; exit 1; }
 srun --ntasks="$SLURM_NTASKS" dask worker --scheduler-file "$SCHED_FILE" --nthreads 1 --memory-limit 3GB &
+WORKERS_PID=$!
 
-ADDRESS=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['address'])" "$SCHED_FILE")
-echo "dashboard: ssh -L 8787:$(hostname):8787 <login node>, then http://localhost:8787"
+read -r ADDRESS DASHBOARD < <(python -c "import json,sys; f=json.load(open(sys.argv[1]))
+print(f['address'], f.get('services', {}).get('dashboard', '?'))" "$SCHED_FILE")
+echo "scheduler $ADDRESS; dashboard: ssh -L 8787:$(hostname):$DASHBOARD <login node>, then http://localhost:8787"
 brats-gan preprocess "$INPUT" --out "$STORE" --scheduler "$ADDRESS" --resume --no-progress
