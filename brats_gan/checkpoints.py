@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -21,6 +23,51 @@ OPTIONS_FILE = "training_options.json"
 TRAINER_STATE = "trainer_state.json"
 ENGINES = ("generator", "critic")
 MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked; the message names the file."""
+
+
+def read_options(run: str | Path) -> dict[str, Any]:
+    """``RUN/training_options.json``: every option, the network and the versions the run was started with."""
+    path = Path(run) / OPTIONS_FILE
+    if not path.is_file():
+        raise RunFolderError(f"{path} not found; {run} is not a training run folder")
+    try:
+        saved = json.loads(path.read_text())
+        if not all(isinstance(saved[k], dict) for k in ("data", "training", "checkpoint")):
+            raise TypeError("data, training and checkpoint must be objects")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise RunFolderError(f"{path} is not readable training options ({err!r})") from None
+    return saved
+
+
+def write_options(run: str | Path, options: dict[str, Any]) -> None:
+    atomic_write_text(Path(run) / OPTIONS_FILE, json.dumps(options, indent=2) + "\n")
+
+
+def resume_plan(run: str | Path) -> str:
+    """What ``--resume auto`` does with ``run``: ``resume`` when a checkpoint of it loads, ``start`` when there
+    is no folder or an empty one, ``move-aside`` for a run folder without a loadable checkpoint (a run killed
+    before its first), ``refuse`` for any other folder. One command then serves the first start, a requeue
+    and a resubmission (the SLURM recipes pass it every time)."""
+    folder = Path(run)
+    if usable_checkpoint(folder)[0] is not None:
+        return "resume"
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return "start"
+    if (folder / OPTIONS_FILE).is_file() or (folder / CHECKPOINTS).is_dir():
+        return "move-aside"
+    return "refuse"
+
+
+def move_aside(run: str | Path) -> Path:
+    """Rename a run folder that holds nothing to resume to ``RUN.no-checkpoint-<time>``; returns the new path."""
+    folder = Path(run)
+    target = folder.with_name(f"{folder.name}.no-checkpoint-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.rename(folder, target)
+    return target
 
 
 def checkpoint_steps(run: str | Path, complete_only: bool = True) -> list[int]:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -405,6 +406,14 @@ class _Windows(Sampler[Key]):
                 epoch, window = epoch + 1, 0
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A scheduler (scancel, a requeue) and the DeepSpeed launcher signal every process of the job, loader
+    workers included; a worker that died of it would fail the rank's graceful stop. The training process
+    stops after its step and shuts the workers down itself (and they exit with it if it is killed)."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def default_num_workers(local_world_size: int = 1) -> int:
     """Loader processes per rank: the rank's share of the cores minus the one that trains, at most 4."""
     try:
@@ -439,6 +448,7 @@ def iterate_batches(
         prefetch_factor=2 if workers > 0 else None,
         pin_memory=pin_memory,
         generator=torch.Generator(),
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
     )
     skip = batch % wb
     for window in loader:

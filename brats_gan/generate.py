@@ -25,7 +25,6 @@ What it decides, and why:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 from collections.abc import Iterator, Sequence
@@ -95,23 +94,24 @@ def find_checkpoint(run: str | Path, step: int | None = None,
         CHECKPOINTS,
         LATEST,
         OPTIONS_FILE,
+        RunFolderError,
         checkpoint_problems,
         checkpoint_steps,
         model_states_path,
+        read_options,
         usable_checkpoint,
     )
     from brats_gan.models import ModelConfig
 
     run = Path(run)
-    options_path = run / OPTIONS_FILE
-    if not options_path.is_file():
-        raise CommandError(f"--checkpoint {run}: no {OPTIONS_FILE}; not a training run folder")
     try:
-        options = json.loads(options_path.read_text())
+        options = read_options(run)
         model = ModelConfig(**options["model"])
         preset = str(options["training"]["preset"])
+    except RunFolderError as err:
+        raise CommandError(f"--checkpoint {run}: {err}") from None
     except (ValueError, KeyError, TypeError) as err:
-        raise CommandError(f"--checkpoint {run}: {options_path.name} is not readable training options ({err})") from None
+        raise CommandError(f"--checkpoint {run}: {OPTIONS_FILE} is not readable training options ({err})") from None
     if step is None:
         step, passed_over = usable_checkpoint(run, which)
         for warning in passed_over:
@@ -246,13 +246,14 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
         raise CommandError(f"--seed must be at least 0, got {seed}")
     out = Path(out)
     checkpoint = find_checkpoint(run, step, channels, which)
-    check_out(out, overwrite, Path(run))
+    check_out(out, overwrite, Path(run))  # before loading anything; again under the lock, which decides
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = load_generator(checkpoint, device)
     log.info("generator of %s step %d (%s) on %s", checkpoint.run, checkpoint.step, checkpoint.preset, device)
 
     try:
         with locks.exclusive(out, "brats-gan generate"):
+            check_out(out, overwrite, Path(run))  # another writer may have finished since the first check
             return _write(checkpoint, out, num, seed, batch_size, grid, generator, device, progress, started)
     except locks.Busy as err:
         raise CommandError(str(err)) from None

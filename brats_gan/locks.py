@@ -3,7 +3,9 @@
 The lock is an ``flock`` on a small file beside the target (``.<name>.lock`` in the same folder: inside a
 store, ``to_zarr(mode="w")`` would delete it). The kernel releases it when its process ends, however it
 ends, so a killed run never leaves it stuck; the file records who holds it (process, host, command,
-start), which is what a second writer is told. The holder removes the file when it finishes.
+start), which is what a second writer is told. The holder removes the file when it finishes. On a file
+system without ``flock`` the writer goes on unguarded, with a warning; on NFS a lock of a node that
+crashed may outlive it until the server notices.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import contextlib
 import datetime
 import fcntl
 import json
+import logging
 import os
 import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+
+log = logging.getLogger(__name__)
 
 
 class Busy(RuntimeError):
@@ -42,6 +48,11 @@ def exclusive(target: str | os.PathLike[str], what: str = "writing") -> Iterator
             os.close(fd)
             raise Busy(f"{target} is being written by another process ({holder}); wait for it to finish or stop it "
                        f"(the lock goes with the process: {path})") from None
+        except OSError as err:  # a file system without flock (Lustre mounted without it, some NFS set-ups)
+            os.close(fd)
+            log.warning("cannot lock %s (%s): writing without the one-writer guard", path, err.strerror or err)
+            yield
+            return
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

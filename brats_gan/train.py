@@ -54,11 +54,13 @@ from brats_gan.checkpoints import (
     BEST,
     CHECKPOINTS,
     LATEST,
-    OPTIONS_FILE,
     TRAINER_STATE,
     atomic_write_text,
     checkpoint_steps,
+    move_aside,
     read_latest,
+    usable_checkpoint,
+    write_options,
 )
 from brats_gan.cli import CommandError, unexpected
 from brats_gan.data import Position, SliceStream, default_num_workers, iterate_batches, to_model
@@ -78,6 +80,7 @@ from brats_gan.train_config import (
     build_options,
     check_run_folder,
     configure_parser,
+    resolve_resume_auto,
 )
 
 log = logging.getLogger(__name__)
@@ -216,7 +219,7 @@ class Trainer:
             saved = {**options.to_json(), "model": dataclasses.asdict(self.model_config),
                      "world_size": env.world_size, "versions": _versions(),
                      "written": schema.now_utc()}
-            atomic_write_text(self.run_dir / OPTIONS_FILE, json.dumps(saved, indent=2) + "\n")
+            write_options(self.run_dir, saved)
         self._barrier()
         self.metrics = MetricsLog(self.run_dir, self.step) if self.is_main else None
 
@@ -406,6 +409,19 @@ class Trainer:
         return (f"cannot write checkpoint {self.step} to {folder} ({type(err).__name__}: {reason}; "
                 f"{usage.free / 2**30:.2f} GiB free there): training stopped; {kept}")
 
+    def _repoint(self, step: int) -> None:
+        """After resuming from ``step`` (an older checkpoint when the newest could not be loaded), ``latest``
+        names it, and ``best`` the best loadable one left, so that a stop before the next save reports and
+        resumes from what is really there."""
+        root = self.run_dir / CHECKPOINTS
+        if read_latest(self.run_dir) != step:
+            atomic_write_text(root / LATEST, f"{step}\n")
+        best, _ = usable_checkpoint(self.run_dir, BEST)
+        if best is None:
+            (root / BEST).unlink(missing_ok=True)
+        elif read_latest(self.run_dir, BEST) != best:
+            atomic_write_text(root / BEST, f"{best}\n")
+
     def _prune(self) -> None:
         root = self.run_dir / CHECKPOINTS
         steps = checkpoint_steps(self.run_dir, complete_only=False)
@@ -429,6 +445,7 @@ class Trainer:
             for stale in checkpoint_steps(self.run_dir, complete_only=False):
                 if stale > step:
                     shutil.rmtree(self.run_dir / CHECKPOINTS / str(stale), ignore_errors=True)
+            self._repoint(step)
         best = read_latest(self.run_dir, BEST)
         if best is not None and best <= step:
             saved = json.loads((self.run_dir / CHECKPOINTS / str(best) / TRAINER_STATE).read_text()).get("swd")
@@ -526,8 +543,9 @@ def run(args: argparse.Namespace) -> int:
     """Validate everything on every rank, then join the process group and train."""
     env = DistEnv.from_environ(getattr(args, "local_rank", None))
     configure_logging(env, bool(getattr(args, "verbose", False)))
+    moving_aside = resolve_resume_auto(args)
     options = build_options(args, env.world_size)
-    resume_step = check_run_folder(options, env.world_size)
+    resume_step = check_run_folder(options, env.world_size, moving_aside)
     try:
         stream = SliceStream(
             options.data.store, batch_size=options.training.micro_batch,
@@ -541,6 +559,11 @@ def run(args: argparse.Namespace) -> int:
 
     device = init_distributed(env)
     try:
+        if moving_aside:
+            if env.rank == 0:
+                log.warning("--resume auto: %s holds no checkpoint to resume (a run stopped before its first); "
+                            "moved to %s, starting again", options.checkpoint.out, move_aside(options.checkpoint.out))
+            dist.barrier()
         if options.data.verify:
             check_store_on_ranks(options.data.store, env)
         with run_folder_lock(options.checkpoint.out, env), StopRequest() as stop:
@@ -606,7 +629,8 @@ def check_store_on_ranks(store: str, env: DistEnv) -> None:
     summary = schema.read_summary(store)
     length = summary.shards[0] if summary.shards else summary.n_samples
     n_shards = -(-summary.n_samples // length)
-    report = check_store(store, rank_shards(n_shards, env.rank, env.world_size))
+    report = check_store(store, rank_shards(n_shards, env.rank, env.world_size),
+                         threads=len(os.sched_getaffinity(0)) // max(1, env.local_world_size))
     gathered: list[Any] = [None] * env.world_size
     dist.all_gather_object(gathered, report.problems)
     report.problems = sorted(p for part in gathered for p in part)

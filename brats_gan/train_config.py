@@ -23,6 +23,9 @@ from brats_gan.checkpoints import (
     LATEST,
     OPTIONS_FILE,
     TRAINER_STATE,
+    RunFolderError,
+    read_options,
+    resume_plan,
     usable_checkpoint,
 )
 from brats_gan.cli import CommandError
@@ -160,7 +163,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--store", help="complete slice store (Zarr) to train on")
     run.add_argument("--out", required=True, help="run folder; must not exist unless --resume")
-    run.add_argument("--resume", action="store_true", help="continue RUN from RUN/checkpoints/latest")
+    run.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
+                     help="continue RUN from RUN/checkpoints/latest; `--resume auto`: continue when RUN has a "
+                          "checkpoint, start when it does not exist, move a run folder with no checkpoint aside "
+                          "and start again (one command for a first start, a requeue and a resubmission)")
     run.add_argument("--preset", help=f"model preset (default {t.preset}; see `brats-gan models`)")
     run.add_argument("--steps", type=int, help=f"generator steps to reach in total (default {t.steps})")
     run.add_argument("--seed", type=int, help=f"seed of weights, noise and data order (default {t.seed})")
@@ -205,9 +211,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                     help=f"generated and real images whose SWD is measured at each checkpoint, to the CSV, "
                          f"TensorBoard and the `best` pointer (default {c.swd_images}; 0: none)")
     ck.add_argument("--checkpoint-on-signal", action="store_true", default=None,
-                    help="on SIGTERM or SIGUSR1 (e.g. SLURM's --signal=USR1@120), checkpoint the current step "
-                         "before stopping; without it the run stops at the step boundary and keeps its last "
-                         "checkpoint")
+                    help="on SIGTERM, SIGINT or SIGUSR1, checkpoint the step at which the run stops; without it "
+                         "the run stops at that step boundary and keeps its last checkpoint (launch/train_slurm.sh: "
+                         "--signal=B:USR1@300 requeues the job, whose SIGTERM then saves the step)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -368,14 +374,11 @@ def build_options(args: argparse.Namespace, world_size: int) -> Options:
     given[("checkpoint", "out")] = str(out)
     given[("checkpoint", "resume")] = bool(args.resume)
     if args.resume:
-        saved_path = out / OPTIONS_FILE
-        if not saved_path.is_file():
-            raise ConfigError(f"--resume: {saved_path} not found; {out} is not a training run")
         try:
-            saved = json.loads(saved_path.read_text())
-            sections = {name: dict(saved[name]) for name in ("data", "training", "checkpoint")}
-        except (ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"--resume: {saved_path} is not readable training options ({err!r})") from None
+            saved = read_options(out)
+        except RunFolderError as err:
+            raise ConfigError(f"--resume: {err}") from None
+        sections = {name: dict(saved[name]) for name in ("data", "training", "checkpoint")}
         if ("training", "deepspeed_config") in given:
             fresh = load_deepspeed_config(given.pop(("training", "deepspeed_config")),
                                           sections["training"]["preset"], world_size)
@@ -412,11 +415,27 @@ def build_options(args: argparse.Namespace, world_size: int) -> Options:
     return options
 
 
-def check_run_folder(options: Options, world_size: int) -> int | None:
+def resolve_resume_auto(args: argparse.Namespace) -> bool:
+    """Turn ``--resume auto`` into a plain resume or a fresh start (``checkpoints.resume_plan``); True when the
+    existing folder is to be moved aside first (rank 0 does it once the process group is up, so that every
+    rank decided on the same folder)."""
+    if args.resume != "auto":
+        args.resume = bool(args.resume)
+        return False
+    plan = resume_plan(args.out)
+    if plan == "refuse":
+        raise ConfigError(f"--resume auto: --out {args.out} exists and is not a training run folder; choose another")
+    args.resume = plan == "resume"
+    if not args.resume and getattr(args, "store", None) is None:
+        raise ConfigError(f"--resume auto: {args.out} holds no checkpoint to resume, and a new run needs --store")
+    return plan == "move-aside"
+
+
+def check_run_folder(options: Options, world_size: int, moving_aside: bool = False) -> int | None:
     """Refuse to overwrite a run, or to resume one without a complete checkpoint; the step to resume from."""
     out = Path(options.checkpoint.out)
     if not options.checkpoint.resume:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if out.exists() and not moving_aside and (not out.is_dir() or any(out.iterdir())):
             raise ConfigError(f"--out {out} already exists; pass --resume to continue it, or choose a new folder "
                               "(a run is never overwritten)")
         return None

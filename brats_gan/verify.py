@@ -59,9 +59,11 @@ def rank_shards(n_shards: int, rank: int, world_size: int) -> range:
     return range(rank, n_shards, world_size)
 
 
-def check_store(path: str | Path, shards: Sequence[int] | None = None, *, progress: bool = False) -> StoreCheck:
-    """Read ``shards`` (default: all) of a complete store and check each; raises StoreError only when the
-    store's metadata cannot be read at all."""
+def check_store(path: str | Path, shards: Sequence[int] | None = None, *, progress: bool = False,
+                threads: int | None = None) -> StoreCheck:
+    """Read ``shards`` (default: all) of a complete store and check each, ``threads`` at a time (default: one
+    per core; ranks sharing a node pass their share, since each shard in flight holds its pixels);
+    raises StoreError only when the store's metadata cannot be read at all."""
     import dask
     import zarr
 
@@ -96,13 +98,14 @@ def check_store(path: str | Path, shards: Sequence[int] | None = None, *, progre
         return None
 
     tasks = [dask.delayed(check, pure=False)(i) for i in wanted]
+    options = {"scheduler": "threads", **({"num_workers": max(1, threads)} if threads else {})}
     if progress and tasks:
         from dask.diagnostics import ProgressBar
 
         with ProgressBar(minimum=1.0):
-            verdicts = dask.compute(*tasks, scheduler="threads")
+            verdicts = dask.compute(*tasks, **options)
     else:
-        verdicts = dask.compute(*tasks, scheduler="threads") if tasks else ()
+        verdicts = dask.compute(*tasks, **options) if tasks else ()
     report = StoreCheck(str(path), n_shards, len(wanted), n, checksums)
     for i, verdict in zip(wanted, verdicts):
         if verdict is not None:

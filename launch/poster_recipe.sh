@@ -31,19 +31,9 @@ brats-gan preprocess "$BRATS" --out "$WORK/heldout.zarr" --subjects 016-030 --mo
 TRAIN_ARGS=(--preset paper --steps "${STEPS:-20000}" --checkpoint-every 500 --seed 0 --augment "${AUGMENT:-none}"
             ${DEEPSPEED_CONFIG:+--deepspeed-config "$DEEPSPEED_CONFIG"} "$@")
 echo "train arguments: ${TRAIN_ARGS[*]}"
-# --resume exactly when the run has a complete checkpoint (brats_gan.checkpoints.read_latest); a run
-# stopped before its first one is moved aside, as launch/train_slurm.sh does, since the trainer
-# refuses both --resume without a checkpoint and an existing run without --resume.
-RESUME=()
-if python -c 'import sys; from brats_gan.checkpoints import read_latest
-sys.exit(read_latest(sys.argv[1]) is None)' "$WORK/run"; then
-    RESUME=(--resume)
-elif [[ -f $WORK/run/training_options.json || -d $WORK/run/checkpoints ]]; then
-    mv "$WORK/run" "$WORK/run.no-checkpoint-$(date +%Y%m%d-%H%M%S)"
-fi
 PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 deepspeed --num_gpus "$GPUS" --master_port "$PORT" --module brats_gan.train --store "$WORK/train.zarr" \
-    --out "$WORK/run" ${RESUME[@]+"${RESUME[@]}"} "${TRAIN_ARGS[@]}"
+    --out "$WORK/run" --resume auto "${TRAIN_ARGS[@]}"
 
 brats-gan generate --checkpoint "$WORK/run" --which best --num 100 --out "$WORK/synthetic.zarr" \
     --grid "$WORK/synthetic.png" --overwrite

@@ -39,10 +39,10 @@ dask scheduler --scheduler-file "$SCHED_FILE" --port 0 --dashboard-address :0 &
 SCHED_PID=$!
 WORKERS_PID=
 cleanup() {
-    [[ -n $WORKERS_PID ]] && kill "$WORKERS_PID" 2>/dev/null
-    kill "$SCHED_PID" 2>/dev/null
-    wait 2>/dev/null
-    rm -f "$SCHED_FILE"
+    if [[ -n $WORKERS_PID ]]; then kill "$WORKERS_PID" 2>/dev/null || true; fi
+    kill "$SCHED_PID" 2>/dev/null || true
+    wait 2>/dev/null || true
+    rm -rf "$SCHED_FILE" "$DASK_CONFIG"
 }
 trap cleanup EXIT
 for _ in $(seq 120); do

@@ -8,11 +8,9 @@
 #       --preset paper --steps 10000 --checkpoint-every 500
 #
 # Requeue-friendly: submitting, requeueing (`scontrol requeue`, preemption, node failure) or
-# resubmitting the same command continues the run. The script passes --resume exactly when
-# RUN/checkpoints/latest names a complete checkpoint, since brats_gan.train refuses --resume without
-# one and refuses an existing run without --resume. A folder of a run killed before its first
-# checkpoint holds nothing to resume; it is moved aside to RUN.no-checkpoint-<time> and the run
-# starts again. Five minutes before the time limit the job requeues itself (--signal below); a
+# resubmitting the same command continues the run: the script always passes `--resume auto`, which
+# continues from a loadable checkpoint, starts a run that does not exist yet, and moves the folder of a
+# run killed before its first checkpoint aside to RUN.no-checkpoint-<time> and starts again. Five minutes before the time limit the job requeues itself (--signal below); a
 # checkpoint is written atomically (`latest` last), so a kill at any moment loses at most the steps
 # since the last one. A resumed run needs the world size it started with: keep --nodes and SLOTS.
 #
@@ -63,23 +61,6 @@ if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
     PER_NODE+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")  # newer srun no longer inherits it from sbatch
 fi
 
-# The step RUN/checkpoints/latest names if that checkpoint is complete, as the trainer decides it.
-# (This script keeps no files beside it: sbatch runs a copy of it from its spool directory.)
-latest_step() {
-    python -c 'import sys; from brats_gan.checkpoints import read_latest
-step = read_latest(sys.argv[1]); sys.exit(1) if step is None else print(step)' "$1"
-}
-
-RESUME=()
-if STEP=$(latest_step "$RUN"); then
-    RESUME=(--resume)
-    echo "resuming $RUN from step $STEP"
-elif [[ -f $RUN/training_options.json || -d $RUN/checkpoints ]]; then
-    ASIDE=$RUN.no-checkpoint-$(date +%Y%m%d-%H%M%S)
-    echo "$RUN was stopped before its first checkpoint; moving it to $ASIDE and starting again"
-    mv "$RUN" "$ASIDE"
-fi
-
 if [[ -n ${STAGE_DIR:-} ]]; then
     LOCAL_STORE=$STAGE_DIR/$(basename "$STORE")
     echo "copying $STORE to $LOCAL_STORE on ${#NODES[@]} node(s)"
@@ -101,5 +82,5 @@ echo "nodes: ${NODES[*]} (${SLOTS} rank(s) each), master $MASTER_ADDR:$MASTER_PO
 srun "${PER_NODE[@]}" --kill-on-bad-exit=1 \
     bash -c 'exec deepspeed --no_ssh --node_rank "$SLURM_NODEID" "$@"' node \
     --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    --module brats_gan.train --store "$STORE" --out "$RUN" ${RESUME[@]+"${RESUME[@]}"} "$@" &
+    --module brats_gan.train --store "$STORE" --out "$RUN" --resume auto "$@" &
 wait $!  # in the background so that the USR1 trap runs while training

@@ -183,11 +183,19 @@ def test_ctrl_c_or_sigterm_prints_one_line_keeps_what_was_stored_and_resume_fini
     assert zarr.open_group(store, mode="r")["image"].shape[0] == 300 * 8
 
 
-@pytest.fixture(scope="module")
-def many_real(tmp_path_factory, real_case, dask_client) -> tuple[Path, Path]:
-    """60 subjects whose FLAIR is the real case (symlinks), and a store written from them in one run."""
-    root = tmp_path_factory.mktemp("many") / "data"
-    flair = next(real_case.glob("*/*-t2f.nii.gz"))
+@pytest.fixture(scope="module", params=["phantom", "real"])
+def many_real(request, tmp_path_factory, dask_client) -> tuple[Path, Path]:
+    """60 subjects sharing one full-size FLAIR (symlinks) and a store written from them in one run. The FLAIR
+    is a phantom the test writes, so a plain clone runs these tests too, and also the real BraTS case where
+    ``../shared`` has it."""
+    root = tmp_path_factory.mktemp(f"many-{request.param}") / "data"
+    if request.param == "real":
+        flair = next(request.getfixturevalue("real_case").glob("*/*-t2f.nii.gz"))
+    else:
+        from brats_gan.phantoms import write_phantom_dataset
+
+        (one,) = write_phantom_dataset(root.parent / "one", n_subjects=1, modalities=("flair",), with_seg=False)
+        flair = next(one.glob("*_flair.nii.gz"))
     for i in range(1, 61):
         sid = f"BraTS-GLI-{i:05d}-000"
         (root / sid).mkdir(parents=True)

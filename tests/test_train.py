@@ -342,6 +342,30 @@ def test_a_full_disk_at_a_checkpoint_stops_with_one_line_not_a_traceback(store: 
     assert read_latest(run) is None
 
 
+def test_resume_auto_starts_continues_or_moves_a_run_without_checkpoint_aside(store: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    common = ["train", "--store", store, "--out", run, "--preset", "tiny", "--seed", "0", "--checkpoint-every", "1",
+              "--sample-every", "0", "--swd-images", "0", "--resume", "auto"]
+    env = {"OMP_NUM_THREADS": "1"}
+    first = run_cli(*common, "--steps", "1", env=env, ok=True)  # nothing there yet: a new run
+    assert "resumed" not in first.stderr and read_latest(run) == 1
+    again = run_cli(*common, "--steps", "2", env=env, ok=True)  # a checkpoint: continue it
+    assert "resumed from step 1" in again.stderr and metric_steps(run) == [1, 2]
+
+    shutil.rmtree(run / "checkpoints")  # a run killed before its first checkpoint
+    started = run_cli(*common, "--steps", "1", env=env, ok=True)
+    (aside,) = tmp_path.glob("run.no-checkpoint-*")
+    assert f"moved to {aside}" in started.stderr and (aside / "training_options.json").exists()
+    assert metric_steps(run) == [1] and read_latest(run) == 1
+
+    other = tmp_path / "thesis"
+    other.mkdir()
+    (other / "chapter1.tex").write_text("not a run\n")
+    refused = run_cli(*common[:3], "--out", other, *common[5:], "--steps", "1", env=env)
+    assert refused.returncode == 2 and "exists and is not a training run folder" in refused.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["chapter1.tex"]
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -356,9 +380,10 @@ def test_one_process_listens_on_loopback_only_and_sigterm_exits_143(store: Path,
     import psutil
 
     run = tmp_path / "one"
-    with open(tmp_path / "one.log", "w") as log:
+    with open(tmp_path / "one.log", "w") as log:  # streamed: the loader workers get SIGTERM too and must not die of it
         proc = subprocess.Popen([sys.executable, "-m", "brats_gan", "train", "--store", str(store), "--out", str(run),
-                                 "--preset", "tiny", "--steps", "1000", "--checkpoint-every", "1000"],
+                                 "--preset", "tiny", "--steps", "1000", "--checkpoint-every", "1000",
+                                 "--cache", "stream", "--num-workers", "2"], start_new_session=True,
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         try:
             deadline = time.monotonic() + LAUNCH_TIMEOUT
@@ -369,8 +394,9 @@ def test_one_process_listens_on_loopback_only_and_sigterm_exits_143(store: Path,
             listening = [c.laddr.ip for c in psutil.Process(proc.pid).net_connections(kind="inet")
                          if c.status == psutil.CONN_LISTEN]
             assert all(ipaddress.ip_address(ip).is_loopback for ip in listening), listening
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=60) == 143
+            assert len(psutil.Process(proc.pid).children()) >= 2, "two loader workers"
+            os.killpg(proc.pid, signal.SIGTERM)  # every process of the job, as scancel or the launcher does
+            assert proc.wait(timeout=60) == 143, (tmp_path / "one.log").read_text()
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -378,6 +404,7 @@ def test_one_process_listens_on_loopback_only_and_sigterm_exits_143(store: Path,
     output = (tmp_path / "one.log").read_text()
     step = metric_steps(run)[-1]
     assert f"stopped by SIGTERM after step {step}: no checkpoint was written yet; move {run} away" in output
+    assert "Traceback" not in output and "exited unexpectedly" not in output
 
 
 def test_a_start_sweeps_deepspeed_buffers_that_no_process_maps(tmp_path: Path) -> None:
@@ -409,9 +436,12 @@ def test_resume_skips_a_cut_short_newest_checkpoint_and_still_matches(store: Pat
     for name in ("critic/mp_rank_00_model_states.pt", "rng_rank1.pt"):
         path = run / "checkpoints" / "12" / name
         path.write_bytes(path.read_bytes()[:1000])
-    proc = launch("--out", run, "--resume", "--steps", "12")
+    proc = launch("--out", run, "--resume", "--steps", "9")  # loads, then has nothing to do
     assert proc.returncode == 0, proc.output
     assert "checkpoint 12" in proc.output and "critic/mp_rank_00_model_states.pt is cut short" in proc.output
+    assert read_latest(run) == 9, "latest names what was resumed, not the removed checkpoint"
+    proc = launch("--out", run, "--resume", "--steps", "12")
+    assert proc.returncode == 0, proc.output
     assert "resumed from step 9" in proc.output and "Traceback" not in proc.output
     assert metric_steps(run) == list(range(1, 13))
     assert_same_weights(run, uninterrupted, 12)
