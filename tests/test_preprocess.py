@@ -248,28 +248,32 @@ def test_kill_9_mid_run_then_resume_equals_a_single_run(tmp_path, many_real, env
     assert not (store / "progress").exists()
 
 
-def test_worker_killed_mid_run_is_retried(tmp_path, many_real, dask_client):
+def test_worker_killed_mid_run_is_retried(tmp_path, many_real):
+    from distributed import Client, LocalCluster
+
     data, reference = many_real
     store = tmp_path / "s.zarr"
     result: dict = {}
+    # a cluster of its own: the session's must not lose a worker to this test
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as client:
 
-    def run():
-        try:
-            result["report"] = run_preprocess(discover_subjects(data), store, PreprocessConfig(slices=8),
-                                              dask_client, progress=False)
-        except Exception as err:  # surfaced by the assertion below
-            result["error"] = err
+        def run():
+            try:
+                result["report"] = run_preprocess(discover_subjects(data), store, PreprocessConfig(slices=8),
+                                                  client, progress=False)
+            except Exception as err:  # surfaced by the assertion below
+                result["error"] = err
 
-    runner = threading.Thread(target=run)
-    runner.start()
-    wait_for(lambda: len(markers(store)) >= 3, what="three stored subjects")
-    worker, pid = next(iter(dask_client.run(os.getpid).items()))
-    os.kill(pid, signal.SIGKILL)
-    runner.join(timeout=180)
+        runner = threading.Thread(target=run)
+        runner.start()
+        wait_for(lambda: len(markers(store)) >= 3, what="three stored subjects")
+        worker, pid = next(iter(client.run(os.getpid).items()))
+        os.kill(pid, signal.SIGKILL)
+        runner.join(timeout=180)
     assert "error" not in result, result.get("error")
     assert len(markers(store)) == 0 and len(result["report"].stored) == 60 - result["report"].already_done
     assert_same_store(store, reference)
-    dask_client.wait_for_workers(2, timeout=60)
 
 
 def test_preview_draws_a_contact_sheet(tmp_path, phantoms_2020, dask_client):
