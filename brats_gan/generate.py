@@ -266,44 +266,30 @@ def _write(checkpoint: Checkpoint, out: Path, num: int, seed: int, batch_size: i
     import zarr
     from tqdm import tqdm
 
-    from brats_gan import __version__, schema
-    from brats_gan.preprocess import seal_store, write_skeleton
+    from brats_gan import schema, store_writer
     from brats_gan.preview import save_grid
     from brats_gan.verify import shard_checksum
 
     if out.exists():
         shutil.rmtree(out)
     size = checkpoint.model.image_size
-    write_skeleton(
-        str(out),
-        channels=checkpoint.channels,
-        size=size,
-        shard=SHARD,
-        subject=synthetic_ids(checkpoint, seed, num),
-        attrs={
-            "format": schema.FORMAT,
-            "format_version": schema.FORMAT_VERSION,
-            "tool_version": __version__,
-            "created": schema.now_utc(),
-            "params": {
-                "modalities": list(checkpoint.channels),
-                "size": size,
-                "dtype": "float16",
-                "num": num,
-                "seed": seed,
-                "channel_reduction": f"mean of the generator's {checkpoint.model.channels} channels"
-                                     if checkpoint.reduced else None,
-                "latent_dim": checkpoint.model.latent_dim,
-                "noise": f"standard normal, per shard of {SHARD} from SeedSequence([seed, shard])",
-            },
-            "synthetic": True,
-            "checkpoint": {"run": str(checkpoint.run.resolve()), "step": checkpoint.step,
-                           "preset": checkpoint.preset, "training_store": checkpoint.training_store},
-            "seed": seed,
-            "n_subjects": num,
-            "skipped": [],
-            "complete": False,
-        },
+    params = {
+        "modalities": list(checkpoint.channels),
+        "size": size,
+        "dtype": "float16",
+        "num": num,
+        "seed": seed,
+        "channel_reduction": f"mean of the generator's {checkpoint.model.channels} channels"
+                             if checkpoint.reduced else None,
+        "latent_dim": checkpoint.model.latent_dim,
+        "noise": f"standard normal, per shard of {SHARD} from SeedSequence([seed, shard])",
+    }
+    checkpoint_attr = {"run": str(checkpoint.run.resolve()), "step": checkpoint.step, "preset": checkpoint.preset,
+                       "training_store": checkpoint.training_store}
+    store_writer.write_skeleton(
+        str(out), channels=checkpoint.channels, size=size, shard=SHARD, subject=synthetic_ids(checkpoint, seed, num),
+        attrs=store_writer.new_attrs(params=params, synthetic=True, checkpoint=checkpoint_attr, seed=seed,
+                                     n_subjects=num),
     )
     image = zarr.open_group(str(out), mode="r+", use_consolidated=False)[schema.IMAGE]
     shown: list[np.ndarray] = []
@@ -316,8 +302,7 @@ def _write(checkpoint: Checkpoint, out: Path, num: int, seed: int, batch_size: i
             if grid is not None and start < GRID_MAX:
                 shown.append(images[: GRID_MAX - start])
             bar.update(len(images))
-    zarr.open_group(str(out), mode="r+", use_consolidated=False).attrs["shard_crc32"] = crcs
-    seal_store(str(out))
+    store_writer.seal(str(out), shard_crc32=crcs)
     report = GenerateReport(out, checkpoint, num, seed, shape=tuple(image.shape), device=device)
     if grid is not None:
         report.grid = save_grid(np.concatenate(shown), grid)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from brats_gan import __version__, locks, schema
+from brats_gan import locks, schema, store_writer
 from brats_gan.discover import Subject, canonical_modality
 from brats_gan.transforms import (
     SLICE_POLICIES,
@@ -166,50 +166,6 @@ def store_exists(path: str) -> bool:
     return (Path(path) / "zarr.json").exists() or (Path(path).exists() and any(Path(path).iterdir()))
 
 
-def write_skeleton(
-    path: str,
-    *,
-    channels: Sequence[str],
-    size: int,
-    shard: int,
-    attrs: dict[str, Any],
-    subject: np.ndarray,
-    slice_index: np.ndarray | None = None,
-    tumour_fraction: np.ndarray | None = None,
-) -> None:
-    """A store of the schema with its coordinates and attributes but no pixels written yet.
-
-    ``image`` gets shards of ``shard`` samples (the unit its writer fills), chunks of up to 8 of them
-    and zstd level 1; coordinates default to the placeholders ``-1`` and NaN. `preprocess` (shard =
-    one subject) and `generate` both start here, so real and synthetic stores are laid out alike.
-    """
-    import dask.array as da
-    import xarray as xr
-    from zarr.codecs import ZstdCodec
-
-    n, c = len(subject), len(channels)
-    image = da.zeros((n, c, size, size), dtype=np.float16, chunks=(shard, c, size, size))
-    ds = xr.Dataset(
-        {schema.IMAGE: (schema.DIMS, image)},
-        coords={
-            "subject": ("sample", np.asarray(subject, dtype=object)),
-            "slice_index": ("sample", np.full(n, -1, dtype=np.int16) if slice_index is None
-                            else np.asarray(slice_index, dtype=np.int16)),
-            "tumour_fraction": ("sample", np.full(n, np.nan, dtype=np.float32) if tumour_fraction is None
-                                else np.asarray(tumour_fraction, dtype=np.float32)),
-            "channel": ("channel", np.array(list(channels), dtype=object)),
-        },
-        attrs=attrs,
-    )
-    encoding = {schema.IMAGE: {
-        "chunks": (schema.chunk_samples(shard), c, size, size),
-        "shards": (shard, c, size, size),
-        "compressors": [ZstdCodec(level=1)],
-    }}
-    with schema.quiet_consolidated_warning():
-        ds.to_zarr(path, mode="w", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
-
-
 def check_output(path: str, subjects: Sequence[Subject], *, resume: bool = False, overwrite: bool = False) -> None:
     """Refuse an output that cannot be written or must not be replaced, before any cluster or task starts:
     a file, an unwritable folder, a folder holding input subjects, and for ``--overwrite`` or
@@ -236,24 +192,14 @@ def create_store(path: str, config: PreprocessConfig, planned: list[str], overwr
         shutil.rmtree(path)
     n = len(planned) * config.slices
     token = uuid.uuid4().hex
-    write_skeleton(
+    store_writer.write_skeleton(
         path,
         channels=config.modalities,
         size=config.size,
         shard=config.slices,
         subject=np.full(n, "", dtype=object),
-        attrs={
-            "format": schema.FORMAT,
-            "format_version": schema.FORMAT_VERSION,
-            "tool_version": __version__,
-            "created": schema.now_utc(),
-            "run_token": token,
-            "params": config.params(),
-            "subjects_planned": list(planned),
-            "skipped": [],
-            "synthetic": False,
-            "complete": False,
-        },
+        attrs=store_writer.new_attrs(params=config.params(), synthetic=False, run_token=token,
+                              subjects_planned=list(planned)),
     )
     _open_group(path).create_group(schema.PROGRESS_GROUP)  # here, once: workers creating it at once would race
     log.info("created %s for %d subjects x %d slices", path, len(planned), config.slices)
@@ -367,20 +313,9 @@ def finalize_store(path: str, config: PreprocessConfig, planned: list[str]) -> N
     skipped = [{"subject": sid, "reason": markers[sid]["reason"]}
                for sid in planned if markers.get(sid, {}).get("status") == "skipped"]
     crcs = [markers[sid].get("crc32") for sid in ids]
-    group.attrs.update({"skipped": skipped, "n_subjects": len(ids),
-                        **({"shard_crc32": crcs} if all(c is not None for c in crcs) else {})})
     del group[schema.PROGRESS_GROUP]
-    seal_store(path)
-
-
-def seal_store(path: str) -> None:
-    """Consolidate the metadata, then set ``complete: true``: last, so that a store marked complete
-    is one whose every array and attribute was written."""
-    import zarr
-
-    with schema.quiet_consolidated_warning():
-        zarr.consolidate_metadata(path)
-    zarr.open_group(path, mode="r+").attrs["complete"] = True
+    store_writer.seal(path, shard_crc32=crcs if all(c is not None for c in crcs) else None,
+               skipped=skipped, n_subjects=len(ids))
 
 
 # ---------------------------------------------------------------- the run

@@ -15,7 +15,8 @@ The contract (also in the README, "The store"):
   a single sample. Compression: zstd level 1 (level 3 costs 40% more write time for the same size).
 - group attributes: ``format``, ``format_version``, ``tool_version``, ``params`` (every
   preprocessing parameter), ``subjects_planned``, ``skipped`` (``[{"subject", "reason"}]``),
-  ``synthetic`` and, written last, ``complete: true``.
+  ``synthetic``, ``shard_crc32`` (each shard's CRC-32 as written; ``brats_gan.verify`` compares it) and,
+  written last, ``complete: true``. ``brats_gan.store_writer`` is the one code that writes them.
 - synthetic stores (`brats-gan generate`) keep all of the above, with ``synthetic: true``, a
   ``checkpoint`` attribute (run, step, preset), one subject per image (``synthetic-step<N>-seed<S>-<i>``),
   ``slice_index`` -1, ``tumour_fraction`` NaN and shards of 64 samples.

@@ -1,5 +1,5 @@
-"""Small slice stores that follow ``brats_gan/schema.py``, written with xarray + zarr like the real one,
-and read back the way a user without brats_gan reads them.
+"""Small slice stores that follow ``brats_gan/schema.py``, written through ``brats_gan.store_writer`` like
+the real ones, and read back the way a user without brats_gan reads them.
 
 The trainer's tests need stores of a chosen size in well under a second, without BraTS data or the
 Dask preprocessing. ``write_store`` draws a bright ellipse ("brain") with a darker blob ("tumour")
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from brats_gan import schema
+from brats_gan import schema, store_writer
+from brats_gan.verify import shard_checksum
 
 ID_SCALE = 1 / 1024  # float16 represents k / 1024 exactly for k < 2048
 
@@ -61,7 +62,7 @@ def write_store(
     consecutive samples. ``images`` (``(subjects x slices, channels, size, size)``, stored as float16):
     the pixels, exactly; without them, phantoms carrying their ``sample_id`` are drawn.
     """
-    import xarray as xr
+    import zarr
 
     rng = np.random.default_rng(seed)
     ids = [f"BraTS-TEST-{s:05d}" for s in range(subjects)] if isinstance(subjects, int) else list(subjects)
@@ -80,32 +81,16 @@ def write_store(
             raise ValueError(f"images of shape {images.shape} for {len(ids)} subjects x {slices} slices "
                              f"and {c} channel(s)")
         image = images.astype(np.float16)
-    ds = xr.Dataset(
-        {schema.IMAGE: (schema.DIMS, image)},
-        coords={
-            "subject": ("sample", np.repeat(np.array(ids, dtype=object), slices)),
-            "slice_index": ("sample", np.tile(np.arange(60, 60 + slices, dtype=np.int16), len(ids))),
-            "tumour_fraction": ("sample", rng.uniform(0, 0.1, n).astype(np.float32)),
-            "channel": ("channel", np.array(list(channels), dtype=object)),
-        },
-        attrs={
-            "format": schema.FORMAT,
-            "format_version": schema.FORMAT_VERSION,
-            "tool_version": "tests",
-            "params": {"size": size, "slices": slices, "modalities": list(channels), "factory_seed": seed},
-            "subjects_planned": ids,
-            "skipped": [],
-            "synthetic": synthetic,
-        },
+    params = {"size": size, "slices": slices, "modalities": list(channels), "factory_seed": seed}
+    store_writer.write_skeleton(
+        str(path), channels=channels, size=size, shard=slices, subject=np.repeat(np.array(ids, dtype=object), slices),
+        slice_index=np.tile(np.arange(60, 60 + slices, dtype=np.int16), len(ids)),
+        tumour_fraction=rng.uniform(0, 0.1, n).astype(np.float32),
+        attrs=store_writer.new_attrs(params=params, synthetic=synthetic, subjects_planned=ids),
     )
-    chunk = schema.chunk_samples(slices)
-    encoding = {schema.IMAGE: {"chunks": (chunk, c, size, size), "shards": (slices, c, size, size)}}
-    with schema.quiet_consolidated_warning():
-        ds.to_zarr(str(path), mode="w", zarr_format=3, encoding=encoding, consolidated=True)
+    zarr.open_group(str(path), mode="r+", use_consolidated=False)[schema.IMAGE][:] = image
     if complete:
-        import zarr
-
-        zarr.open_group(str(path), mode="r+").attrs["complete"] = True
+        store_writer.seal(str(path), shard_crc32=[shard_checksum(image[a : a + slices]) for a in range(0, n, slices)])
     return Path(path)
 
 
