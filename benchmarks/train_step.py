@@ -2,14 +2,14 @@
 
 One iteration is what ``Trainer.train_step`` does: ``n_critic`` (5) critic steps, each with the
 gradient penalty's double backward, then one generator step, then the metric readout (one
-all-reduce of four numbers and a copy to the host, which also synchronises the device).
+all-reduce of the step's figures, and a copy to the host, which also synchronises the device).
 
-Contender: ``brats_gan.train.Trainer``'s own phases (``train_step``, ``critic_step``,
-``gradient_penalty``, ``generator_step``) on two DeepSpeed engines built by ``Trainer._engine`` from
-the preset's ``DEFAULT_DEEPSPEED`` recipe; for ``--dtype bf16`` plus what
-``deepspeed_configs/paper_bf16.json`` adds (``bf16.enabled``, ``data_types.buffer_dtype`` bf16).
-Baseline: the same phases written against the plain modules and ``torch.optim.Adam`` with the
-recipe's hyper-parameters (lr 2e-4, betas (0.5, 0.999), eps 1e-8, L2 weight decay 1e-3); for bf16
+Both sides run the same phases, ``brats_gan.loss.WGANLoss`` (WGAN-GP, no DiffAugment), so the
+ratio measures the engines and nothing else. Contender: the phases on two DeepSpeed engines built by
+``brats_gan.train.build_engine`` from the preset's ``DEFAULT_DEEPSPEED`` recipe; for ``--dtype bf16``
+plus what ``deepspeed_configs/paper_bf16.json`` adds (``bf16.enabled``, ``data_types.buffer_dtype``
+bf16). Baseline: the phases on the plain modules, each loss's backward and ``torch.optim.Adam`` with
+the recipe's hyper-parameters (lr 2e-4, betas (0.5, 0.999), eps 1e-8, L2 weight decay 1e-3); for bf16
 the modules are cast to bf16 and Adam steps fp32 master copies, as DeepSpeed's bf16 optimizer does.
 
 Both sides start from the same weights (same seed) and read the same micro-batches, pre-loaded in
@@ -47,7 +47,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -57,9 +56,9 @@ from torch.utils.flop_counter import flop_registry
 
 from brats_gan.data import Position, to_model
 from brats_gan.distributed import DistEnv, init_distributed, shutdown_distributed
-from brats_gan.stopping import StopRequest
+from brats_gan.loss import WGANLoss
 from brats_gan.models import PRESETS, build_models, get_config
-from brats_gan.train import Trainer, frozen
+from brats_gan.train import build_engine, engine_loss
 from brats_gan.train_config import TrainingConfig, load_deepspeed_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -73,50 +72,55 @@ PEAK_TFLOPS: dict[str, tuple[float, float, float]] = {
     "A100": (312.0, 156.0, 19.5),
     "L40S": (362.0, 183.0, 91.6),
 }
-METRICS = ("critic_loss", "wasserstein", "gradient_penalty", "generator_loss")
 Batches = Iterator[tuple[Position, torch.Tensor]]
 
 
 # ------------------------------------------------------------------------------------ the two sides
 
 
-def deepspeed_trainer(preset: str, config: dict[str, Any], device: str, n_critic: int, batch_size: int,
-                      seed: int) -> Trainer:
-    """A Trainer with its engines and phases but no store, run folder or logs (``__init__`` needs
-    those; ``train_step`` and its phases read only the attributes set here). Loss and augmentation
-    are the baseline's: WGAN-GP and no DiffAugment (the trainer's default augments, the baseline does not)."""
-    trainer = Trainer.__new__(Trainer)
-    trainer.t = TrainingConfig(preset=preset, n_critic=n_critic, seed=seed, augment=(), deepspeed=config)
-    trainer.env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1)
-    trainer.device = device
-    trainer.model_config = trainer.t.model
-    trainer.run_dir = Path(tempfile.gettempdir())
-    trainer.stream = SimpleNamespace(batch_size=batch_size, batches_per_epoch=sys.maxsize)
-    trainer.step, trainer.position = 0, Position()
-    trainer.stop, trainer.stopped_by = StopRequest(), None
-    torch.manual_seed(seed)
-    generator, critic = build_models(trainer.model_config)
-    trainer.generator = trainer._engine(generator, "generator")
-    trainer.critic = trainer._engine(critic, "critic")
-    trainer.dtype = next(trainer.generator.module.parameters()).dtype
-    return trainer
+class DeepSpeedSide:
+    """What ``Trainer.train_step`` runs: the phases (``brats_gan.loss.WGANLoss``) on two engines built by
+    ``brats_gan.train.build_engine`` from the recipe, and the step's all-reduce of its figures. Loss and
+    augmentation as the baseline: WGAN-GP, no DiffAugment (the trainer's default augments)."""
+
+    def __init__(self, preset: str, config: dict[str, Any], device: str, n_critic: int, batch_size: int,
+                 seed: int) -> None:
+        self.training = TrainingConfig(preset=preset, n_critic=n_critic, seed=seed, augment=(), deepspeed=config)
+        torch.manual_seed(seed)
+        generator, critic = build_models(self.training.model)
+        run_dir = Path(tempfile.gettempdir())
+        self.generator = build_engine(generator, "generator", config, run_dir)
+        self.critic = build_engine(critic, "critic", config, run_dir)
+        self.phases = engine_loss(self.generator, self.critic, self.training, device)
+        self.n_critic, self.batch_size = n_critic, batch_size
+
+    def train_step(self, batches: Batches) -> list[float]:
+        figures, _ = self.phases.iteration(batches, self.n_critic, self.batch_size)
+        values = torch.cat([figures, figures.new_zeros(1)])  # the trainer's stop flag rides along
+        dist.all_reduce(values)
+        return values[:4].tolist()
 
 
 class TorchLoop:
-    """``Trainer.train_step`` and its phases (WGAN-GP, no DiffAugment) against plain modules and
-    ``torch.optim.Adam``."""
+    """The same phases (``WGANLoss``: WGAN-GP, no DiffAugment) on plain modules and ``torch.optim.Adam``."""
 
     def __init__(self, preset: str, adam: dict[str, Any], device: str, dtype: torch.dtype, n_critic: int,
                  gp_lambda: float, batch_size: int, seed: int) -> None:
         self.config = get_config(preset)
-        self.device, self.dtype = device, dtype
-        self.n_critic, self.gp_lambda, self.batch_size = n_critic, gp_lambda, batch_size
+        self.dtype = dtype
+        self.n_critic, self.batch_size = n_critic, batch_size
         torch.manual_seed(seed)
         generator, critic = build_models(self.config)
         self.generator = generator.to(device, dtype)
         self.critic = critic.to(device, dtype)
-        self.g_master, self.g_opt = self._optimizer(self.generator, adam)
-        self.c_master, self.c_opt = self._optimizer(self.critic, adam)
+        g_master, g_opt = self._optimizer(self.generator, adam)
+        c_master, c_opt = self._optimizer(self.critic, adam)
+        self.phases = WGANLoss(
+            critic=self.critic, critic_module=self.critic, generator=self.generator, generator_module=self.generator,
+            update_critic=lambda loss: self._update(loss, self.critic, c_master, c_opt),
+            update_generator=lambda loss: self._update(loss, self.generator, g_master, g_opt),
+            latent_dim=self.config.latent_dim, channels=self.config.channels, device=device, dtype=dtype,
+            gp_lambda=gp_lambda)
 
     def _optimizer(self, module: torch.nn.Module, adam: dict[str, Any]) -> tuple[list[torch.Tensor], torch.optim.Adam]:
         params = list(module.parameters())
@@ -125,7 +129,9 @@ class TorchLoop:
         kwargs = {k: adam[k] for k in ("lr", "betas", "eps", "weight_decay")}
         return params, torch.optim.Adam(params, **kwargs)
 
-    def _update(self, module: torch.nn.Module, master: list[torch.Tensor], opt: torch.optim.Adam) -> None:
+    def _update(self, loss: torch.Tensor, module: torch.nn.Module, master: list[torch.Tensor],
+                opt: torch.optim.Adam) -> None:
+        loss.backward()
         params = list(module.parameters())
         mixed = self.dtype != torch.float32
         if mixed:
@@ -139,40 +145,11 @@ class TorchLoop:
                 for m, p in zip(master, params):
                     p.copy_(m)
 
-    def noise(self, n: int) -> torch.Tensor:
-        return torch.randn(n, self.config.latent_dim, device=self.device, dtype=self.dtype)
-
-    def critic_step(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        real = to_model(real, self.device, self.dtype, self.config.channels)
-        with torch.no_grad():
-            fake = self.generator(self.noise(real.shape[0]))
-        real_score = self.critic(real).float().mean()
-        fake_score = self.critic(fake).float().mean()
-        penalty = self.gradient_penalty(real, fake)
-        loss = fake_score - real_score + self.gp_lambda * penalty
-        loss.backward()
-        self._update(self.critic, self.c_master, self.c_opt)
-        return loss.detach(), (real_score - fake_score).detach(), penalty.detach()
-
-    def gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        eps = torch.rand(real.shape[0], 1, 1, 1, device=self.device, dtype=self.dtype)
-        x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
-        (grad,) = torch.autograd.grad(self.critic(x_hat).float().sum(), x_hat, create_graph=True)
-        return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()
-
-    def generator_step(self, batch_size: int) -> torch.Tensor:
-        with frozen(self.critic):
-            loss = -self.critic(self.generator(self.noise(batch_size))).float().mean()
-            loss.backward()
-            self._update(self.generator, self.g_master, self.g_opt)
-        return loss.detach()
-
     def train_step(self, batches: Batches) -> list[float]:
-        critic = [torch.stack(self.critic_step(next(batches)[1])) for _ in range(self.n_critic)]
-        g_loss = self.generator_step(self.batch_size)
-        values = torch.cat([torch.stack(critic).float().mean(0), g_loss.float().view(1)])
+        figures, _ = self.phases.iteration(batches, self.n_critic, self.batch_size)
+        values = torch.cat([figures, figures.new_zeros(1)])
         dist.all_reduce(values)
-        return values.tolist()
+        return values[:4].tolist()
 
 
 # ------------------------------------------------------------------------------------ FLOPs and peaks
@@ -206,8 +183,8 @@ def flop_per_image(preset: str, adam: dict[str, Any], n_critic: int, gp_lambda: 
     size = loop.config.image_size
     with _FlopCount() as count:
         for _ in range(n_critic):
-            loop.critic_step(torch.zeros(batch_size, loop.config.channels, size, size, device="meta"))
-        loop.generator_step(batch_size)
+            loop.phases.critic_step(torch.zeros(batch_size, loop.config.channels, size, size, device="meta"))
+        loop.phases.generator_step(batch_size)
     return count.total / (batch_size * n_critic)
 
 
@@ -292,31 +269,32 @@ def measure(args: argparse.Namespace, dtype_name: str, device: str) -> dict[str,
     adam = config["optimizer"]["params"]
     model = get_config(args.preset)
 
-    trainer = deepspeed_trainer(args.preset, config, device, args.n_critic, args.batch_size, args.seed)
-    loop = TorchLoop(args.preset, adam, device, dtype, args.n_critic, trainer.t.gp_lambda, args.batch_size, args.seed)
+    ds = DeepSpeedSide(args.preset, config, device, args.n_critic, args.batch_size, args.seed)
+    gp_lambda = ds.training.gp_lambda
+    loop = TorchLoop(args.preset, adam, device, dtype, args.n_critic, gp_lambda, args.batch_size, args.seed)
     data = make_batches(args, model.image_size, model.channels, device, 2 * args.n_critic)
     ds_batches, torch_batches = cycle(data), cycle(data)
     torch.manual_seed(args.seed + 1)
-    ds_critic = trainer.critic_step(data[0])
+    ds_critic = ds.phases.critic_step(data[0])
     torch.manual_seed(args.seed + 1)
-    torch_critic = loop.critic_step(data[0])
+    torch_critic = loop.phases.critic_step(data[0])
     step_difference = max(abs(a.item() - b.item()) for a, b in zip(ds_critic, torch_critic))
     torch.manual_seed(args.seed + 2)
-    row = trainer.train_step(ds_batches)
+    ds_values = ds.train_step(ds_batches)
     torch.manual_seed(args.seed + 2)
     values = loop.train_step(torch_batches)
-    iteration_difference = max(abs(row[k] - v) for k, v in zip(METRICS, values))
-    times = time_interleaved({"deepspeed": lambda: trainer.train_step(ds_batches),
+    iteration_difference = max(abs(a - b) for a, b in zip(ds_values, values))
+    times = time_interleaved({"deepspeed": lambda: ds.train_step(ds_batches),
                               "torch": lambda: loop.train_step(torch_batches)},
                              args.warmup - 1, args.steps, device)
 
     images = args.batch_size * args.n_critic
     ds_s, torch_s = statistics.median(times["deepspeed"]), statistics.median(times["torch"])
-    flop = flop_per_image(args.preset, adam, args.n_critic, trainer.t.gp_lambda, args.batch_size)
+    flop = flop_per_image(args.preset, adam, args.n_critic, gp_lambda, args.batch_size)
     peak, peak_source = peak_tflops(device, dtype_name, args.tf32, args.peak_tflops)
     result: dict[str, Any] = {
         "dtype": dtype_name,
-        "deepspeed_optimizer": type(trainer.critic.optimizer).__name__,
+        "deepspeed_optimizer": type(ds.critic.optimizer).__name__,
         "first_critic_step_max_loss_difference": step_difference,
         "next_iteration_max_loss_difference": iteration_difference,
         "deepspeed_step_s": round(ds_s, 5),

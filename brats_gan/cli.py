@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         status = getattr(err, "exit_status", 130)
         print(f"brats-gan {args.command}: {'interrupted' if status == 130 else f'stopped by {err}'}", file=sys.stderr)
         return status
-    except Exception as err:  # noqa: BLE001  (unforeseen: one line for users, the traceback with -v)
+    except Exception as err:
         if args.verbose:
             raise
         print(f"brats-gan {args.command}: error: {unexpected(err)}", file=sys.stderr)

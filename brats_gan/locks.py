@@ -21,7 +21,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-
 log = logging.getLogger(__name__)
 
 

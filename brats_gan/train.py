@@ -7,17 +7,15 @@ On every rank, under the DeepSpeed launcher (one process per GPU, or per CPU slo
 
 or in one process without the launcher: ``brats-gan train ...`` / ``python -m brats_gan.train ...``.
 
-Reading order: :class:`Trainer` (engines, the three phases of a WGAN-GP step, checkpoints, watching),
-then :func:`run`, which glues it to the options (:mod:`brats_gan.train_config`: everything that can be
-refused is refused there, on every rank, before any rank initialises the process group or writes a
-file), the process group (:mod:`brats_gan.distributed`) and the run folder (:mod:`brats_gan.checkpoints`).
+Reading order: :class:`Trainer` (engines, the loop, checkpoints, watching), then :func:`run`, which glues
+it to the options (:mod:`brats_gan.train_config`: everything that can be refused is refused there, on
+every rank, before any rank initialises the process group or writes a file), the process group
+(:mod:`brats_gan.distributed`) and the run folder (:mod:`brats_gan.checkpoints`). The phases of a step
+(critic step, gradient penalty, generator step) are :class:`brats_gan.loss.WGANLoss`.
 
-The loss (``--loss wgan-gp``, the default) is WGAN-GP (Gulrajani et al. 2017): per generator step,
-``n_critic`` (5) critic steps on fresh real micro-batches, each minimising
-``D(fake) - D(real) + lambda * (|grad_x D(x_hat)| - 1)^2`` with ``lambda`` = 10 and ``x_hat`` a random
-interpolate of a real and a fake image; the generator minimises ``-D(G(z))``. ``--loss wgan-clip`` is
-the original WGAN (Arjovsky et al. 2017, the poster's reference [4]): no penalty, critic weights
-clipped to ``[-0.01, 0.01]`` after each critic step. The poster names the loss but neither variant.
+The loss (``--loss wgan-gp``, the default) is WGAN-GP, per generator step ``n_critic`` (5) critic steps on
+fresh real micro-batches with ``lambda`` = 10; ``--loss wgan-clip`` is the original WGAN (the poster's
+reference [4]), critic weights clipped to ``[-0.01, 0.01]``. The poster names the loss but neither variant.
 
 A "step" is one generator update (with its ``n_critic`` critic updates); ``--steps`` counts those.
 """
@@ -27,18 +25,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
 import dataclasses
 import json
 import logging
 import math
 import os
-import random
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +45,6 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from brats_gan import locks, schema
-from brats_gan.augment import diff_augment
 from brats_gan.checkpoints import (
     BEST,
     CHECKPOINTS,
@@ -63,20 +58,24 @@ from brats_gan.checkpoints import (
     write_options,
 )
 from brats_gan.cli import CommandError, unexpected
-from brats_gan.data import Position, SliceStream, default_num_workers, iterate_batches, to_model
+from brats_gan.data import Position, SliceStream, default_num_workers, iterate_batches
 from brats_gan.distributed import (
     DistEnv,
     configure_logging,
     init_distributed,
     shutdown_distributed,
 )
+from brats_gan.loss import WGANLoss
+from brats_gan.metrics_log import MetricsLog
 from brats_gan.models import build_models
 from brats_gan.preview import save_grid
+from brats_gan.rng import rng_state, seed_rank, set_rng_state
 from brats_gan.stopping import Stopped, StopRequest, stop_on_sigterm
 from brats_gan.train_config import (
     MONITORS,
     ConfigError,
     Options,
+    TrainingConfig,
     build_options,
     check_run_folder,
     configure_parser,
@@ -85,9 +84,6 @@ from brats_gan.train_config import (
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.csv"
-METRICS = ("step", "epoch", "critic_loss", "generator_loss", "wasserstein", "gradient_penalty",
-           "step_s", "images_per_s", "swd", "time")
 EXIT_DIVERGED = 3
 EXIT_OUT_OF_MEMORY = 4
 EXIT_UNSAVED = 5
@@ -102,53 +98,6 @@ class CheckpointError(RuntimeError):
 
 
 # ==================================================================================== the trainer
-
-
-@contextlib.contextmanager
-def frozen(module: torch.nn.Module) -> Iterator[None]:
-    """No parameter gradients for ``module`` inside (the critic during the generator step)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG this process draws from, in types ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": random.getstate()[0], "state": list(random.getstate()[1]),
-                   "gauss": random.getstate()[2]},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_rank(seed: int, rank: int) -> None:
-    """Different noise, dropout and penalty interpolates on each rank, reproducibly."""
-    rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-    torch.manual_seed(rank_seed)
-    np.random.seed(rank_seed)
-    random.seed(rank_seed)
 
 
 def _weights_only_checkpoint_engine(engine: Any) -> None:
@@ -170,16 +119,43 @@ def _weights_only_checkpoint_engine(engine: Any) -> None:
     engine.checkpoint_engine = safe
 
 
-class Trainer:
-    """Two DeepSpeed engines (generator, critic), the data stream, and the run folder.
+def build_engine(module: torch.nn.Module, name: str, deepspeed_config: dict[str, Any], run_dir: Path) -> Any:
+    """A DeepSpeed engine for ``module`` (``generator`` or ``critic``): its own monitor job name under
+    ``RUN/deepspeed_monitor``, checkpoints loaded the safe way."""
+    import deepspeed
 
-    Phases are methods: :meth:`critic_step`, :meth:`gradient_penalty`, :meth:`generator_step`.
-    DeepSpeed allows a backward through a graph built by calling an engine only inside that engine's
-    own ``backward()`` ("Direct calls to tensor.backward() are not supported"). So the critic *engine*
-    is called only for the scores its own backward differentiates; the penalty's ``autograd.grad`` and
-    the generator's loss go through ``critic.module``, with the critic's parameters frozen for the
-    generator step (else their gradients would leak into the next critic step).
-    """
+    config = copy.deepcopy(deepspeed_config)
+    for monitor in MONITORS:
+        if config.get(monitor, {}).get("enabled"):
+            config[monitor]["job_name"] = f"{config[monitor].get('job_name', 'brats_gan')}_{name}"
+            config[monitor].setdefault("output_path", str(run_dir / "deepspeed_monitor"))
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=config)
+    _weights_only_checkpoint_engine(engine)
+    return engine
+
+
+def engine_loss(generator: Any, critic: Any, config: TrainingConfig, device: str) -> WGANLoss:
+    """The WGAN phases (``brats_gan.loss``) on two DeepSpeed engines: each engine's own ``backward`` and
+    ``step`` update it."""
+
+    def update(engine: Any) -> Callable[[torch.Tensor], None]:
+        def apply(loss: torch.Tensor) -> None:
+            engine.backward(loss)
+            engine.step()
+
+        return apply
+
+    model = config.model
+    return WGANLoss(critic=critic, critic_module=critic.module, generator=generator, generator_module=generator.module,
+                    update_critic=update(critic), update_generator=update(generator), latent_dim=model.latent_dim,
+                    channels=model.channels, device=device, dtype=next(generator.module.parameters()).dtype,
+                    loss=config.loss, gp_lambda=config.gp_lambda, clip_value=config.clip_value,
+                    augment_policies=config.augment, augment_p=config.augment_p)
+
+
+class Trainer:
+    """Two DeepSpeed engines (generator, critic) and their phases (``self.phases``, a
+    :class:`brats_gan.loss.WGANLoss`), the data stream, the run folder and what watches the run."""
 
     def __init__(self, options: Options, env: DistEnv, device: str, stream: SliceStream,
                  resume_step: int | None, stop: StopRequest | None = None) -> None:
@@ -193,9 +169,10 @@ class Trainer:
 
         torch.manual_seed(self.t.seed)
         generator, critic = build_models(self.model_config)
-        self.generator = self._engine(generator, "generator")
-        self.critic = self._engine(critic, "critic")
-        self.dtype = next(self.generator.module.parameters()).dtype
+        self.generator = build_engine(generator, "generator", self.t.deepspeed, self.run_dir)
+        self.critic = build_engine(critic, "critic", self.t.deepspeed, self.run_dir)
+        self.phases = engine_loss(self.generator, self.critic, self.t, device)
+        self.dtype = self.phases.dtype
         self.fixed_noise = torch.randn(self.c.samples, self.model_config.latent_dim,
                                        generator=torch.Generator().manual_seed(self.t.seed))
         self.swd_images = min(self.c.swd_images, stream.n_samples)
@@ -223,67 +200,9 @@ class Trainer:
         self._barrier()
         self.metrics = MetricsLog(self.run_dir, self.step) if self.is_main else None
 
-    def _engine(self, module: Any, name: str) -> Any:
-        import deepspeed
-
-        config = copy.deepcopy(self.t.deepspeed)
-        for monitor in MONITORS:
-            if config.get(monitor, {}).get("enabled"):
-                config[monitor]["job_name"] = f"{config[monitor].get('job_name', 'brats_gan')}_{name}"
-                config[monitor].setdefault("output_path", str(self.run_dir / "deepspeed_monitor"))
-        engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=config)
-        _weights_only_checkpoint_engine(engine)
-        return engine
 
     def _barrier(self) -> None:
         dist.barrier()
-
-    # ---------------------------------------------------------------- the phases of one step
-
-    def noise(self, n: int) -> torch.Tensor:
-        return torch.randn(n, self.model_config.latent_dim, device=self.device, dtype=self.dtype)
-
-    def critic_step(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One critic update on a real micro-batch; returns (loss, Wasserstein estimate, penalty)."""
-        real = to_model(real, self.device, self.dtype, self.model_config.channels)
-        with torch.no_grad():
-            fake = self.generator.module(self.noise(real.shape[0]))
-        real, fake = self.augment(real), self.augment(fake)
-        real_score = self.critic(real).float().mean()
-        fake_score = self.critic(fake).float().mean()
-        loss = fake_score - real_score
-        penalty = torch.zeros((), device=self.device)
-        if self.t.loss == "wgan-gp":
-            penalty = self.gradient_penalty(real, fake)
-            loss = loss + self.t.gp_lambda * penalty
-        self.critic.backward(loss)
-        self.critic.step()
-        if self.t.loss == "wgan-clip":
-            with torch.no_grad():
-                for p in self.critic.module.parameters():
-                    p.clamp_(-self.t.clip_value, self.t.clip_value)
-        return loss.detach(), (real_score - fake_score).detach(), penalty.detach()
-
-    def augment(self, images: torch.Tensor) -> torch.Tensor:
-        """DiffAugment (``--augment``) of what the critic sees, real and fake alike; identity by default."""
-        return diff_augment(images, self.t.augment, self.t.augment_p) if self.t.augment else images
-
-    def gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        """``E[(|grad_x D(x_hat)| - 1)^2]`` at random interpolates, differentiable (double backward)."""
-        eps = torch.rand(real.shape[0], 1, 1, 1, device=self.device, dtype=self.dtype)
-        x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
-        score = self.critic.module(x_hat)
-        (grad,) = torch.autograd.grad(score.float().sum(), x_hat, create_graph=True)
-        return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()
-
-    def generator_step(self, batch_size: int) -> torch.Tensor:
-        """One generator update against the frozen critic; returns its loss."""
-        with frozen(self.critic.module):
-            fake = self.generator(self.noise(batch_size))
-            loss = -self.critic.module(self.augment(fake)).float().mean()
-            self.generator.backward(loss)
-            self.generator.step()
-        return loss.detach()
 
     # ---------------------------------------------------------------- the loop
 
@@ -332,17 +251,13 @@ class Trainer:
         non-finite value and stop at the same step.
         """
         start = time.perf_counter()
-        critic = []
-        for _ in range(self.t.n_critic):
-            position, real = next(batches)
-            critic.append(torch.stack(self.critic_step(real)))
-        g_loss = self.generator_step(self.stream.batch_size)
+        figures, position = self.phases.iteration(batches, self.t.n_critic, self.stream.batch_size)
         self.step += 1
         bpe = self.stream.batches_per_epoch
         self.position = (Position(position.epoch, position.batch + 1) if position.batch + 1 < bpe
                          else Position(position.epoch + 1, 0))
         asked = 0.0 if self.stop.signum is None else 1.0  # rides along, so that every rank stops here
-        values = torch.cat([torch.stack(critic).float().mean(0), g_loss.float().view(1), g_loss.new_full((1,), asked, dtype=torch.float32)])
+        values = torch.cat([figures, figures.new_full((1,), asked)])
         dist.all_reduce(values)
         *losses, stops = values.tolist()
         c_loss, wasserstein, penalty, g_loss = (v / self.env.world_size for v in losses)
@@ -485,47 +400,6 @@ class Trainer:
         """The generator on the fixed noise batch -> ``RUN/samples/step_<step>.png`` (rank 0)."""
         if self.is_main:
             save_grid(self.generate(self.fixed_noise).numpy(), self.run_dir / "samples" / f"step_{self.step:07d}.png")
-
-
-class MetricsLog:
-    """``RUN/metrics.csv`` and TensorBoard (``RUN/tensorboard``), rank 0 only, one row per step.
-
-    ``critic_loss``, ``wasserstein`` (the critic's estimate ``D(real) - D(fake)``) and
-    ``gradient_penalty`` are means over the step's ``n_critic`` critic updates; every value is the
-    mean over ranks. ``images_per_s`` counts the real images all ranks' critics consumed per second
-    of the step (``micro-batch x ranks x n_critic / step_s``).
-
-    On resume both drop what a killed run wrote after the checkpoint it resumes from, so the logs
-    read as one uninterrupted run.
-    """
-
-    def __init__(self, run_dir: Path, start_step: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        path = run_dir / METRICS_FILE
-        kept: list[dict[str, str]] = []
-        if path.exists():
-            with open(path, newline="") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= start_step]
-        self.file = open(path, "w", newline="", buffering=1)  # noqa: SIM115  (open for the whole run)
-        self.csv = csv.DictWriter(self.file, fieldnames=METRICS)
-        self.csv.writeheader()
-        self.csv.writerows(kept)
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.csv.writerow(row)
-        step = row["step"]
-        for key, tag in (("critic_loss", "loss/critic"), ("generator_loss", "loss/generator"),
-                         ("wasserstein", "wasserstein_estimate"), ("gradient_penalty", "loss/gradient_penalty"),
-                         ("images_per_s", "throughput/images_per_s"), ("step_s", "throughput/step_s")):
-            self.tb.add_scalar(tag, row[key], step)
-        if row.get("swd") is not None:
-            self.tb.add_scalar("quality/swd", row["swd"], step)
-
-    def close(self) -> None:
-        self.file.close()
-        self.tb.close()
 
 
 def _versions() -> dict[str, str]:
@@ -675,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"brats_gan.train: {'stopped by ' + str(err) if isinstance(err, Stopped) else 'interrupted'}",
               file=sys.stderr)
         return getattr(err, "exit_status", 130)
-    except Exception as err:  # noqa: BLE001  (unforeseen: one line, the traceback with -v)
+    except Exception as err:
         if args.verbose:
             raise
         rank = os.environ.get("RANK")

@@ -5,8 +5,8 @@ generation from ``best`` and ``latest``, evaluation against held-out subjects, t
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path

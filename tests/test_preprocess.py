@@ -168,7 +168,7 @@ def test_ctrl_c_or_sigterm_prints_one_line_keeps_what_was_stored_and_resume_fini
     try:
         wait_for(lambda: len(markers(store)) >= 5, what="five subjects stored")
         os.killpg(proc.pid, signum)
-        out, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -262,13 +262,13 @@ def test_worker_killed_mid_run_is_retried(tmp_path, many_real):
             try:
                 result["report"] = run_preprocess(discover_subjects(data), store, PreprocessConfig(slices=8),
                                                   client, progress=False)
-            except Exception as err:  # surfaced by the assertion below
+            except Exception as err:  # noqa: BLE001  (surfaced by the assertion below)
                 result["error"] = err
 
         runner = threading.Thread(target=run)
         runner.start()
         wait_for(lambda: len(markers(store)) >= 3, what="three stored subjects")
-        worker, pid = next(iter(client.run(os.getpid).items()))
+        _, pid = next(iter(client.run(os.getpid).items()))
         os.kill(pid, signal.SIGKILL)
         runner.join(timeout=180)
     assert "error" not in result, result.get("error")

@@ -1,0 +1,126 @@
+"""The phases of a WGAN step, apart from whoever owns the networks and their optimisers.
+
+``WGANLoss`` is StyleGAN2-ADA's loss class for this GAN: one method per phase (:meth:`critic_step` with its
+:meth:`gradient_penalty`, :meth:`generator_step`) and :meth:`iteration`, ``n_critic`` critic steps then one
+generator step. It is given the networks to call and the updates to apply, so the same code runs on
+DeepSpeed engines (the trainer) and on plain modules with ``torch.optim.Adam`` (the baseline of
+``benchmarks/train_step.py``): what the benchmark compares is then the engines, not two copies of the loss.
+
+The loss (``wgan-gp``, the default) is WGAN-GP (Gulrajani et al. 2017): each critic step minimises
+``D(fake) - D(real) + lambda * (|grad_x D(x_hat)| - 1)^2`` with ``x_hat`` a random interpolate of a real and
+a fake image; the generator minimises ``-D(G(z))``. ``wgan-clip`` is the original WGAN (Arjovsky et al.
+2017): no penalty, critic weights clipped to ``[-clip, clip]`` after each critic step.
+
+DeepSpeed allows a backward through a graph built by calling an engine only inside that engine's own
+``backward()``. So ``critic`` (the engine) is called only for the scores its own update differentiates; the
+penalty's ``autograd.grad`` and the generator's loss go through ``critic_module``, whose parameters are
+frozen (``requires_grad_``) for the generator step, else their gradients would leak into the next critic step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from brats_gan.augment import diff_augment
+from brats_gan.data import to_model
+
+Update = Callable[[torch.Tensor], None]
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """No parameter gradients for ``module`` inside (the critic during the generator step)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+@dataclass
+class WGANLoss:
+    """The phases of one WGAN iteration over the networks and updates it is given (see the module docstring).
+
+    ``critic``/``generator``: what to call for outputs that their own update differentiates (an engine, or
+    the module); ``critic_module``/``generator_module``: the plain modules; ``update_critic``/
+    ``update_generator``: backward and optimiser step of a loss.
+    """
+
+    critic: Callable[[torch.Tensor], torch.Tensor]
+    critic_module: torch.nn.Module
+    generator: Callable[[torch.Tensor], torch.Tensor]
+    generator_module: torch.nn.Module
+    update_critic: Update
+    update_generator: Update
+    latent_dim: int
+    channels: int
+    device: str
+    dtype: torch.dtype
+    loss: str = "wgan-gp"
+    gp_lambda: float = 10.0
+    clip_value: float = 0.01
+    augment_policies: Sequence[str] = ()
+    augment_p: float = 1.0
+
+    def noise(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.latent_dim, device=self.device, dtype=self.dtype)
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """DiffAugment (``--augment``) of what the critic sees, real and fake alike; identity by default."""
+        return diff_augment(images, self.augment_policies, self.augment_p) if self.augment_policies else images
+
+    def critic_step(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One critic update on a real micro-batch; returns (loss, Wasserstein estimate, penalty)."""
+        real = to_model(real, self.device, self.dtype, self.channels)
+        with torch.no_grad():
+            fake = self.generator_module(self.noise(real.shape[0]))
+        real, fake = self.augment(real), self.augment(fake)
+        real_score = self.critic(real).float().mean()
+        fake_score = self.critic(fake).float().mean()
+        loss = fake_score - real_score
+        penalty = torch.zeros((), device=self.device)
+        if self.loss == "wgan-gp":
+            penalty = self.gradient_penalty(real, fake)
+            loss = loss + self.gp_lambda * penalty
+        self.update_critic(loss)
+        if self.loss == "wgan-clip":
+            with torch.no_grad():
+                for p in self.critic_module.parameters():
+                    p.clamp_(-self.clip_value, self.clip_value)
+        return loss.detach(), (real_score - fake_score).detach(), penalty.detach()
+
+    def gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """``E[(|grad_x D(x_hat)| - 1)^2]`` at random interpolates, differentiable (double backward)."""
+        eps = torch.rand(real.shape[0], 1, 1, 1, device=self.device, dtype=self.dtype)
+        x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
+        score = self.critic_module(x_hat)
+        (grad,) = torch.autograd.grad(score.float().sum(), x_hat, create_graph=True)
+        return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+    def generator_step(self, batch_size: int) -> torch.Tensor:
+        """One generator update against the frozen critic; returns its loss."""
+        with frozen(self.critic_module):
+            fake = self.generator(self.noise(batch_size))
+            loss = -self.critic_module(self.augment(fake)).float().mean()
+            self.update_generator(loss)
+        return loss.detach()
+
+    def iteration(self, batches: Iterator[tuple[Any, torch.Tensor]], n_critic: int,
+                  batch_size: int) -> tuple[torch.Tensor, Any]:
+        """``n_critic`` critic steps on the next micro-batches, then a generator step: the step's four figures
+        (critic loss, Wasserstein estimate and penalty averaged over the critic steps; generator loss) as one
+        float32 tensor on the device, and the position of the last micro-batch used."""
+        critic = []
+        for _ in range(n_critic):
+            position, real = next(batches)
+            critic.append(torch.stack(self.critic_step(real)))
+        g_loss = self.generator_step(batch_size)
+        return torch.cat([torch.stack(critic).float().mean(0), g_loss.float().view(1)]), position
