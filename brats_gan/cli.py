@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 
+from brats_gan.errors import UserError, one_line
 from brats_gan.stopping import stop_on_sigterm
 
 # name -> (module, one-line help)
@@ -24,10 +25,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("brats_gan.generate", "write synthetic slices from a checkpoint into a store"),
     "evaluate": ("brats_gan.evaluate", "compare synthetic with real slices: SWD, FID/KID, memorisation, grid, diversity"),
 }
-
-
-class CommandError(Exception):
-    """A user error: printed as one line, exit status 2, no traceback."""
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -59,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_on_sigterm():
             return int(args._run(args) or 0)
-    except CommandError as err:
+    except UserError as err:
         print(f"brats-gan {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # SIGINT, or a stop by another signal that carries its exit status
@@ -69,11 +66,5 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if args.verbose:
             raise
-        print(f"brats-gan {args.command}: error: {unexpected(err)}", file=sys.stderr)
+        print(f"brats-gan {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 1
-
-
-def unexpected(err: BaseException) -> str:
-    """An error no check foresaw, in one line, with the way to its traceback."""
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:500]} (run with -v for the traceback)"

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from brats_gan.cli import CommandError
+from brats_gan.errors import UserError
 
 MARKER = ".brats-gan-demo"
 DEFAULT_STEPS = 150
@@ -62,11 +62,11 @@ def run(args: argparse.Namespace) -> int:
     from brats_gan.preview import save_grid
 
     if args.steps < 1:
-        raise CommandError(f"--steps must be at least 1, got {args.steps}")
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
     out = Path(args.out)
     if out.exists():
         if not (out / MARKER).exists():
-            raise CommandError(f"{out} exists and is not a demo folder; choose another --out")
+            raise UserError(f"{out} exists and is not a demo folder; choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / MARKER).write_text("written by brats-gan demo; replaced on each run\n")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from brats_gan.cli import CommandError
+from brats_gan.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,9 @@ def _summaries(args: argparse.Namespace) -> dict[str, Any]:
         try:
             out[role] = require_complete(path)
         except StoreError as err:
-            raise CommandError(f"--{role}: {err}") from None
+            raise UserError(f"--{role}: {err}") from None
         if len(out[role].image_shape) != 4 or out[role].image_shape[-1] != out[role].image_shape[-2]:
-            raise CommandError(f"--{role} {path}: images of shape {out[role].image_shape[1:]} are not square slices")
+            raise UserError(f"--{role} {path}: images of shape {out[role].image_shape[1:]} are not square slices")
     return out
 
 
@@ -77,7 +77,7 @@ def _check_channels(summaries: dict[str, Any], notes: list[str]) -> None:
     bad = {role: n for role, n in counts.items() if n not in (1, wanted)}
     if bad:
         described = ", ".join(f"--{r} has {n} ({','.join(summaries[r].channels)})" for r, n in counts.items())
-        raise CommandError(f"incompatible channels: {described}; stores must have equally many channels, "
+        raise UserError(f"incompatible channels: {described}; stores must have equally many channels, "
                            "or one of them a single channel (repeated to match)")
     for role, n in counts.items():
         if n == 1 and wanted > 1:
@@ -92,11 +92,11 @@ def _check_channels(summaries: dict[str, Any], notes: list[str]) -> None:
 def _check_train(real: Source, train: Source) -> None:
     """--real must be held-out data when --train is given, or the memorisation threshold is meaningless."""
     if Path(real.summary.path).resolve() == Path(train.summary.path).resolve():
-        raise CommandError("--real and --train are the same store: with --train, --real must be held-out real "
+        raise UserError("--real and --train are the same store: with --train, --real must be held-out real "
                            "slices (subjects the generator never saw)")
     shared = set(real.store.subject.values.tolist()) & set(train.store.subject.values.tolist())
     if shared:
-        raise CommandError(f"--real shares {len(shared)} subject(s) with --train (e.g. {min(shared)}): "
+        raise UserError(f"--real shares {len(shared)} subject(s) with --train (e.g. {min(shared)}): "
                            "with --train, --real must be held-out subjects")
 
 
@@ -106,7 +106,7 @@ def _metric_names(args: argparse.Namespace) -> list[str]:
     names = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = [m for m in names if not is_valid_metric(m)]
     if unknown or not names:
-        raise CommandError(f"--metrics: unknown {unknown or 'empty list'}; choose from {','.join(list_metrics())}")
+        raise UserError(f"--metrics: unknown {unknown or 'empty list'}; choose from {','.join(list_metrics())}")
     return names
 
 
@@ -211,9 +211,9 @@ def _check_args(args: argparse.Namespace, names: list[str], notes: list[str]) ->
     try:
         check_torchvision()
     except MetricUnavailable as err:
-        raise CommandError(str(err)) from None
+        raise UserError(str(err)) from None
     if args.max_images < 2 * SWD_MIN_IMAGES:
-        raise CommandError(f"--max-images must be at least {2 * SWD_MIN_IMAGES} (two real halves for the SWD floor)")
+        raise UserError(f"--max-images must be at least {2 * SWD_MIN_IMAGES} (two real halves for the SWD floor)")
     summaries = _summaries(args)
     _check_channels(summaries, notes)
     rng = np.random.default_rng(args.seed)  # drawn in role order: real, fake (train is read whole)
@@ -223,14 +223,14 @@ def _check_args(args: argparse.Namespace, names: list[str], notes: list[str]) ->
         _check_train(sources["real"], sources["train"])
     real, fake = sources["real"], sources["fake"]
     if "swd" in names and swd_images_per_side(real.subjects, len(fake.indices), args.seed) < SWD_MIN_IMAGES:
-        raise CommandError(f"too few slices for the SWD floor: {len(real.indices)} real and {len(fake.indices)} "
+        raise UserError(f"too few slices for the SWD floor: {len(real.indices)} real and {len(fake.indices)} "
                            "synthetic; it needs two disjoint real halves (whole subjects each) of at least "
                            f"{SWD_MIN_IMAGES} slices and {SWD_MIN_IMAGES} synthetic")
     if args.inception_weights and "inception" in names:
         try:
             warning = check_inception_weights(args.inception_weights)
         except MetricUnavailable as err:
-            raise CommandError(str(err)) from None
+            raise UserError(str(err)) from None
         if warning:
             log.warning(warning)
             notes.append(warning)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from brats_gan.cli import CommandError
+from brats_gan.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -89,7 +89,7 @@ class GenerateReport:
 def find_checkpoint(run: str | Path, step: int | None = None,
                     channels: Sequence[str] | None = None, which: str = "latest") -> Checkpoint:
     """The checkpoint to generate from (``step``, or the one ``checkpoints/<which>`` names: ``latest``
-    or ``best``, the lowest SWD measured during training), or a CommandError naming what is missing."""
+    or ``best``, the lowest SWD measured during training), or a UserError naming what is missing."""
     from brats_gan.checkpoints import (
         CHECKPOINTS,
         LATEST,
@@ -109,9 +109,9 @@ def find_checkpoint(run: str | Path, step: int | None = None,
         model = ModelConfig(**options["model"])
         preset = str(options["training"]["preset"])
     except RunFolderError as err:
-        raise CommandError(f"--checkpoint {run}: {err}") from None
+        raise UserError(f"--checkpoint {run}: {err}") from None
     except (ValueError, KeyError, TypeError) as err:
-        raise CommandError(f"--checkpoint {run}: {OPTIONS_FILE} is not readable training options ({err})") from None
+        raise UserError(f"--checkpoint {run}: {OPTIONS_FILE} is not readable training options ({err})") from None
     if step is None:
         step, passed_over = usable_checkpoint(run, which)
         for warning in passed_over:
@@ -121,14 +121,14 @@ def find_checkpoint(run: str | Path, step: int | None = None,
                    "the run measured no SWD (--swd-images 0), or its best checkpoint is gone; try --which latest")
             if passed_over:
                 why = f"none of its checkpoints can be loaded: {'; '.join(passed_over)}"
-            raise CommandError(f"--checkpoint {run}: {run / CHECKPOINTS / which} names no complete checkpoint ({why})")
+            raise UserError(f"--checkpoint {run}: {run / CHECKPOINTS / which} names no complete checkpoint ({why})")
     elif step not in (available := checkpoint_steps(run)):
         listed = ", ".join(map(str, available)) or "none"
-        raise CommandError(f"--step {step}: {run} has no complete checkpoint at step {step} (complete: {listed})")
+        raise UserError(f"--step {step}: {run} has no complete checkpoint at step {step} (complete: {listed})")
     elif problems := checkpoint_problems(run, step):
-        raise CommandError(f"--step {step}: checkpoint {step} of {run} cannot be loaded: {'; '.join(problems)}")
+        raise UserError(f"--step {step}: checkpoint {step} of {run} cannot be loaded: {'; '.join(problems)}")
     if not model_states_path(run, step).is_file():
-        raise CommandError(f"--checkpoint {run}: {model_states_path(run, step)} is missing")
+        raise UserError(f"--checkpoint {run}: {model_states_path(run, step)} is missing")
     data = options.get("data", {})
     return Checkpoint(run, step, preset, model, training_channels(data, model.channels, channels), data.get("store"))
 
@@ -149,10 +149,10 @@ def training_channels(data: dict[str, Any], generated: int, override: Sequence[s
             summary = schema.read_summary(str(store))
             names = tuple(summary.channels[i] for i in data_module.resolve_channels(summary.channels, None))
         except schema.StoreError as err:
-            raise CommandError(f"cannot tell which modalities the run was trained on: its training store is not "
+            raise UserError(f"cannot tell which modalities the run was trained on: its training store is not "
                                f"readable ({err}); name them with --channels (one, or {generated})") from None
     if len(names) not in (1, generated):
-        raise CommandError(f"--channels: give one modality or {generated} (the generator's channels), "
+        raise UserError(f"--channels: give one modality or {generated} (the generator's channels), "
                            f"got {len(names)}: {', '.join(names)}")
     return names
 
@@ -169,12 +169,12 @@ def load_generator(checkpoint: Checkpoint, device: str = "cpu") -> Generator:
         saved = torch.load(checkpoint.weights, map_location="cpu", weights_only=True)
         state = saved["module"]
     except (RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as err:
-        raise CommandError(f"cannot load the generator from {checkpoint.weights} ({err})") from None
+        raise UserError(f"cannot load the generator from {checkpoint.weights} ({err})") from None
     generator = Generator(checkpoint.model)
     try:
         generator.load_state_dict(state)
     except RuntimeError as err:
-        raise CommandError(f"{checkpoint.weights} does not fit the run's model config "
+        raise UserError(f"{checkpoint.weights} does not fit the run's model config "
                            f"({' '.join(str(err).split())[:300]})") from None
     return generator.to(device).eval()
 
@@ -221,9 +221,9 @@ def check_out(out: Path, overwrite: bool, run: Path) -> None:
     try:
         schema.check_output(out, overwrite=overwrite, synthetic_only=True, keep=(run,))
     except schema.StoreError as err:
-        raise CommandError(str(err)) from None
+        raise UserError(str(err)) from None
     if out.exists() and not overwrite:
-        raise CommandError(f"--out {out} already exists; pass --overwrite to replace it")
+        raise UserError(f"--out {out} already exists; pass --overwrite to replace it")
 
 
 def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step: int | None = None,
@@ -239,11 +239,11 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
 
     started = time.perf_counter()
     if num < 1:
-        raise CommandError(f"--num must be at least 1, got {num}")
+        raise UserError(f"--num must be at least 1, got {num}")
     if batch_size < 1:
-        raise CommandError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if seed < 0:
-        raise CommandError(f"--seed must be at least 0, got {seed}")
+        raise UserError(f"--seed must be at least 0, got {seed}")
     out = Path(out)
     checkpoint = find_checkpoint(run, step, channels, which)
     check_out(out, overwrite, Path(run))  # before loading anything; again under the lock, which decides
@@ -256,7 +256,7 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
             check_out(out, overwrite, Path(run))  # another writer may have finished since the first check
             return _write(checkpoint, out, num, seed, batch_size, grid, generator, device, progress, started)
     except locks.Busy as err:
-        raise CommandError(str(err)) from None
+        raise UserError(str(err)) from None
 
 
 def _write(checkpoint: Checkpoint, out: Path, num: int, seed: int, batch_size: int, grid: str | Path | None,

@@ -9,7 +9,7 @@ import argparse
 import json
 from typing import Any
 
-from brats_gan.cli import CommandError
+from brats_gan.errors import UserError
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = get_config(args.preset)
     except ValueError as err:
-        raise CommandError(str(err)) from None
+        raise UserError(str(err)) from None
     generator, critic = build_models(config)
     tables = {"generator": layer_table(generator), "discriminator": layer_table(critic)}
     if args.json:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from brats_gan.cli import CommandError
+from brats_gan.errors import UserError
 
 
 def configure_preprocess_parser(p: argparse.ArgumentParser) -> None:
@@ -44,7 +44,7 @@ def _config(args: argparse.Namespace):
         try:
             start, stop = (int(x) for x in args.slice_range.split(":"))
         except ValueError:
-            raise CommandError(f"--slice-range: expected START:STOP, got {args.slice_range!r}") from None
+            raise UserError(f"--slice-range: expected START:STOP, got {args.slice_range!r}") from None
         slice_range = (start, stop)
     try:
         return PreprocessConfig(
@@ -56,7 +56,7 @@ def _config(args: argparse.Namespace):
             size=args.size,
         )
     except ValueError as err:
-        raise CommandError(f"bad preprocessing option: {err}") from None
+        raise UserError(f"bad preprocessing option: {err}") from None
 
 
 def run_preprocess(args: argparse.Namespace) -> int:
@@ -69,7 +69,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
         subjects = select_subjects(discover_subjects(args.input), args.subjects)
         check_output(args.out, subjects, resume=args.resume, overwrite=args.overwrite)
     except (DiscoveryError, PreprocessError) as err:
-        raise CommandError(str(err)) from None
+        raise UserError(str(err)) from None
     print(f"{len(subjects)} subjects, modalities {', '.join(config.modalities)}, "
           f"{config.slices} slices each -> {args.out}")
     try:
@@ -78,7 +78,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
                                     overwrite=args.overwrite, skip_invalid=args.skip_invalid,
                                     progress=not args.no_progress)
     except (PreprocessError, ClusterError) as err:
-        raise CommandError(str(err)) from None
+        raise UserError(str(err)) from None
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM from a scheduler (stopping.Stopped)
         status = getattr(err, "exit_status", 130)
         how = "interrupted" if status == 130 else f"stopped by {err}"
@@ -129,7 +129,7 @@ def run_info(args: argparse.Namespace) -> int:
     try:
         s = read_summary(args.store)
     except StoreError as err:
-        raise CommandError(str(err)) from None
+        raise UserError(str(err)) from None
     info = {
         "store": s.path,
         "complete": s.complete,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from brats_gan.cli import CommandError
+from brats_gan.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = read_summary(args.store)
     except StoreError as err:
-        raise CommandError(str(err)) from None
+        raise UserError(str(err)) from None
     if args.num < 1:
-        raise CommandError("--num must be at least 1")
+        raise UserError("--num must be at least 1")
     ds = xr.open_zarr(args.store)
     if args.channel is not None:
         if args.channel not in summary.channels:
-            raise CommandError(f"--channel {args.channel!r} not in the store's channels {list(summary.channels)}")
+            raise UserError(f"--channel {args.channel!r} not in the store's channels {list(summary.channels)}")
         ds = ds.sel(channel=[args.channel])
     picks = np.unique(np.linspace(0, summary.n_samples - 1, min(args.num, summary.n_samples)).round().astype(int))
     images = ds.image.isel(sample=picks).values

@@ -57,7 +57,6 @@ from brats_gan.checkpoints import (
     usable_checkpoint,
     write_options,
 )
-from brats_gan.cli import CommandError, unexpected
 from brats_gan.data import Position, SliceStream, default_num_workers, iterate_batches
 from brats_gan.distributed import (
     DistEnv,
@@ -65,6 +64,7 @@ from brats_gan.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from brats_gan.errors import UserError, one_line
 from brats_gan.loss import WGANLoss
 from brats_gan.metrics_log import MetricsLog
 from brats_gan.models import build_models
@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_on_sigterm():
             return run(args)
-    except CommandError as err:
+    except UserError as err:
         rank = os.environ.get("RANK")
         where = f" [rank {rank}]" if rank not in (None, "0") else ""
         print(f"brats_gan.train{where}: error: {err}", file=sys.stderr)
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         rank = os.environ.get("RANK")
         where = f" [rank {rank}]" if rank not in (None, "0") else ""
-        print(f"brats_gan.train{where}: error: {unexpected(err)}", file=sys.stderr)
+        print(f"brats_gan.train{where}: error: {one_line(err)}", file=sys.stderr)
         return 1
 
 

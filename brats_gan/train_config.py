@@ -28,8 +28,8 @@ from brats_gan.checkpoints import (
     resume_plan,
     usable_checkpoint,
 )
-from brats_gan.cli import CommandError
 from brats_gan.data import DEFAULT_RUN_LENGTH, DEFAULT_WINDOW_BATCHES
+from brats_gan.errors import UserError
 from brats_gan.models import RESIZE_MODES, UPSAMPLES, ModelConfig, get_config
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ ADAM_PARAMS = frozenset({"lr", "betas", "eps", "weight_decay", "torch_adam", "ad
 MONITORS = ("tensorboard", "csv_monitor")
 
 
-class ConfigError(CommandError):
+class ConfigError(UserError):
     """A bad option, config file, store or run folder: one line naming the field, exit status 2."""
 
 
