@@ -56,10 +56,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from brats_gan import schema
+from brats_gan.images import area_downsample
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,6 @@ CACHE_MODES = ("auto", "memory", "stream")
 AUTO_CACHE_MAX_BYTES = 256 * 2**20
 DEFAULT_RUN_LENGTH = 8
 DEFAULT_WINDOW_BATCHES = 8
-DOWNSAMPLE_ROWS = 8
 
 Key = tuple[int, int]  # (epoch, window)
 
@@ -355,28 +354,6 @@ def to_model(batch: torch.Tensor, device: str | torch.device, dtype: torch.dtype
     if x.shape[1] != 1:
         raise ValueError(f"a batch of {x.shape[1]} channels cannot feed a network of {channels}")
     return x.repeat(1, channels, 1, 1)
-
-
-def area_downsample(images: np.ndarray | torch.Tensor, size: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Float32 images at ``size`` x ``size``, box averages of the input (a pooling when the sizes divide):
-    the resampling that adds no grid, for the loader when the model is smaller than the store and for
-    evaluate when two stores differ. A few rows at a time, so the float32 copies stay small and in cache
-    instead of one window-sized buffer (16 MB at 64 samples of 256x256)."""
-    x = torch.as_tensor(images)
-    side = x.shape[-1]
-    if side == size and out is None:
-        return x.float()
-    if out is None:
-        out = torch.empty((*x.shape[:-2], size, size), dtype=torch.float32)
-    for i in range(0, x.shape[0], DOWNSAMPLE_ROWS):
-        part = x[i : i + DOWNSAMPLE_ROWS].float()
-        if side == size:
-            out[i : i + DOWNSAMPLE_ROWS] = part
-        elif side % size == 0:
-            out[i : i + DOWNSAMPLE_ROWS] = F.avg_pool2d(part, side // size)
-        else:
-            out[i : i + DOWNSAMPLE_ROWS] = F.interpolate(part, size=(size, size), mode="area")
-    return out
 
 
 def _window_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:

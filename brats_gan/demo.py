@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
     from brats_gan.cluster import dask_client
     from brats_gan.discover import discover_subjects
     from brats_gan.generate import generate
+    from brats_gan.images import save_grid
     from brats_gan.phantoms import write_phantom_dataset
     from brats_gan.preprocess import PreprocessConfig, run_preprocess
-    from brats_gan.preview import save_grid
 
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")

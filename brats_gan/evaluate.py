@@ -135,7 +135,7 @@ def draw(n: int, max_images: int | None, rng: np.random.Generator) -> np.ndarray
 
 def load_set(path: str, store: Any, indices: np.ndarray, size: int, desc: str) -> Any:
     """The slices at ``indices`` of an :func:`open_store` dataset, area-downsampled to ``size``, float32."""
-    from brats_gan.data import area_downsample
+    from brats_gan.images import area_downsample
     from brats_gan.metrics import ImageSet, progress
 
     picked = store.isel(sample=indices)

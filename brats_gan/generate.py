@@ -267,7 +267,7 @@ def _write(checkpoint: Checkpoint, out: Path, num: int, seed: int, batch_size: i
     from tqdm import tqdm
 
     from brats_gan import schema, store_writer
-    from brats_gan.preview import save_grid
+    from brats_gan.images import save_grid
     from brats_gan.verify import shard_checksum
 
     if out.exists():

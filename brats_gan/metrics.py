@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from brats_gan.data import area_downsample
+from brats_gan.images import area_downsample
 
 # --------------------------------------------------------------------------------------------
 # the data every metric receives

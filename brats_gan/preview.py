@@ -4,46 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-from pathlib import Path
 
 import numpy as np
 
 from brats_gan.errors import UserError
+from brats_gan.images import save_grid
 
 log = logging.getLogger(__name__)
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] -> [0, 255]; NaN (never-written samples) shows as mid-grey so holes are visible."""
-    images = np.nan_to_num(images.astype(np.float32), nan=0.0)
-    return np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
-
-
-def mosaic(tiles: np.ndarray, columns: int, gap: int = 2) -> np.ndarray:
-    """(n, h, w) or (n, h, w, 3) uint8 tiles -> one image, row-major, black gaps between tiles."""
-    n, h, w = tiles.shape[:3]
-    rows = -(-n // columns)
-    sheet = np.zeros((rows * (h + gap) - gap, columns * (w + gap) - gap, *tiles.shape[3:]), dtype=np.uint8)
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, columns)
-        sheet[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tile
-    return sheet
-
-
-def save_grid(images: np.ndarray, out: str | Path, columns: int | None = None) -> Path:
-    """Save (n, channels, h, w) images in [-1, 1] as a PNG grid; 3 channels as RGB, else the first."""
-    from PIL import Image
-
-    tiles = to_uint8(images)
-    tiles = tiles.transpose(0, 2, 3, 1) if tiles.shape[1] == 3 else tiles[:, 0]
-    columns = columns or int(np.ceil(np.sqrt(len(tiles))))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")  # readers (TensorBoard, a browser) never see half a PNG
-    Image.fromarray(mosaic(tiles, columns)).save(tmp)
-    os.replace(tmp, out)
-    return out
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

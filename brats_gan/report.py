@@ -11,9 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from brats_gan.data import area_downsample
+from brats_gan.images import area_downsample, mosaic, to_uint8
 from brats_gan.metrics import EvalData
-from brats_gan.preview import mosaic, to_uint8
 
 REAL_COLOUR = (31, 119, 180)
 FAKE_COLOUR = (255, 127, 14)

@@ -65,10 +65,10 @@ from brats_gan.distributed import (
     shutdown_distributed,
 )
 from brats_gan.errors import UserError, one_line
+from brats_gan.images import save_grid
 from brats_gan.loss import WGANLoss
 from brats_gan.metrics_log import MetricsLog
 from brats_gan.models import build_models
-from brats_gan.preview import save_grid
 from brats_gan.rng import rng_state, seed_rank, set_rng_state
 from brats_gan.stopping import Stopped, StopRequest, stop_on_sigterm
 from brats_gan.train_config import (
