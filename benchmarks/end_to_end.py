@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -61,12 +60,6 @@ def brats_gan(*args: Any, timeout: float = 3600) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
         raise BenchmarkError(f"brats-gan {args[0]} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}")
     return proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed_launcher() -> list[str]:
@@ -121,6 +114,8 @@ def train(args: argparse.Namespace, preset: str, store: Path, work: Path) -> dic
     """Launch the trainer, let it train for ``--seconds`` after its first step, stop it as a scheduler does."""
     sys.path.insert(0, str(TRAIN_STEP.parent))
     from train_step import deepspeed_config
+
+    from brats_gan.distributed import free_port
 
     run = work / f"run-{preset}"
     config_path = work / f"deepspeed-{preset}-{args.dtype}-{args.micro_batch[preset]}.json"

@@ -138,7 +138,7 @@ def usable_checkpoint(run: str | Path, pointer: str = LATEST) -> tuple[int | Non
     except (FileNotFoundError, ValueError):
         named = None
     if pointer == BEST:
-        ranked = sorted((swd, step) for step in checkpoint_steps(run) if (swd := _recorded_swd(run, step)) is not None)
+        ranked = sorted((swd, step) for step in checkpoint_steps(run) if (swd := recorded_swd(run, step)) is not None)
         candidates = [named] if named is not None else []
         candidates += [step for _, step in ranked if step != named]
     else:
@@ -154,7 +154,8 @@ def usable_checkpoint(run: str | Path, pointer: str = LATEST) -> tuple[int | Non
     return None, warnings
 
 
-def _recorded_swd(run: str | Path, step: int) -> float | None:
+def recorded_swd(run: str | Path, step: int) -> float | None:
+    """The SWD measured at checkpoint ``step`` (its trainer state), or None when none was or it is unreadable."""
     try:
         swd = json.loads((Path(run) / CHECKPOINTS / str(step) / TRAINER_STATE).read_text()).get("swd")
     except (OSError, ValueError, AttributeError):

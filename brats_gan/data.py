@@ -175,7 +175,7 @@ class SliceStream(Dataset):
         self.channel_index = resolve_channels(summary.channels, channels)
         self.channels = tuple(summary.channels[i] for i in self.channel_index)
         chunk_length = summary.chunks[0]
-        shard_length = summary.shards[0] if summary.shards else n
+        shard_length = summary.shard_length
         self.runs = plan_runs(n, shard_length, chunk_length, run_length)
         self.dtype_np = np.dtype(summary.dtype)
         self.dtype = torch.from_numpy(np.empty(0, dtype=self.dtype_np)).dtype

@@ -35,7 +35,8 @@ class DistEnv:
         return cls(int(env.get("RANK", 0)), world, local, local_world)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A local port free now (the single-process master port; the benchmarks' launcher ports)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -61,7 +62,7 @@ def init_distributed(env: DistEnv) -> str:
         # the network (a TCP store would listen on every interface); the variables still name DeepSpeed's
         # shared-memory buffer uniquely.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         if backend == "gloo":
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's own sockets: loopback, not the host's address
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

@@ -71,6 +71,15 @@ class StoreSummary:
     dtype: str
     attrs: dict[str, Any]
 
+    @property
+    def shard_length(self) -> int:
+        """Samples per shard (one subject's slices in a real store, 64 in a synthetic one)."""
+        return self.shards[0] if self.shards else self.n_samples
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_samples // self.shard_length) if self.n_samples else 0
+
 
 @contextlib.contextmanager
 def quiet_consolidated_warning() -> Iterator[None]:

@@ -54,6 +54,7 @@ from brats_gan.checkpoints import (
     checkpoint_steps,
     move_aside,
     read_latest,
+    recorded_swd,
     usable_checkpoint,
     write_options,
 )
@@ -363,8 +364,8 @@ class Trainer:
             self._repoint(step)
         best = read_latest(self.run_dir, BEST)
         if best is not None and best <= step:
-            saved = json.loads((self.run_dir / CHECKPOINTS / str(best) / TRAINER_STATE).read_text()).get("swd")
-            self.best_swd = math.inf if saved is None else float(saved)
+            saved = recorded_swd(self.run_dir, best)
+            self.best_swd = math.inf if saved is None else saved
         log.info("resumed from step %d (epoch %d, micro-batch %d)", self.step, self.position.epoch,
                  self.position.batch)
 
@@ -498,17 +499,14 @@ def run_folder_lock(run_dir: str, env: DistEnv) -> Iterator[None]:
 def check_store_on_ranks(store: str, env: DistEnv) -> None:
     """Every shard of the store read and checked once before training (``brats_gan.verify``), each rank
     its own share, and the findings shared so that every rank refuses the same damaged store together."""
-    from brats_gan.verify import check_store, rank_shards
+    from brats_gan.verify import check_store
 
-    summary = schema.read_summary(store)
-    length = summary.shards[0] if summary.shards else summary.n_samples
-    n_shards = -(-summary.n_samples // length)
-    report = check_store(store, rank_shards(n_shards, env.rank, env.world_size),
+    report = check_store(store, rank=env.rank, world_size=env.world_size,
                          threads=len(os.sched_getaffinity(0)) // max(1, env.local_world_size))
     gathered: list[Any] = [None] * env.world_size
     dist.all_gather_object(gathered, report.problems)
     report.problems = sorted(p for part in gathered for p in part)
-    log.info("checked %s: %d shards on %d rank(s) in %.1f s (%s)", store, n_shards, env.world_size, report.seconds,
+    log.info("checked %s: %d shards on %d rank(s) in %.1f s (%s)", store, report.shards, env.world_size, report.seconds,
              "pixels and checksums" if report.checksums else "pixels; no checksums recorded")
     if not report.ok:
         raise ConfigError(f"--store {report.describe()}; `brats-gan info --verify {store}` lists every problem")

@@ -7,7 +7,7 @@ hold finite values in [-1, 1] and, where the writer recorded them (``shard_crc32
 the float16 pixels it wrote. Problems are named by subject.
 
 Shards are checked in parallel with Dask's threaded scheduler (zstd decoding and CRC-32 release the GIL);
-the trainer splits the shards between its ranks (:func:`rank_shards`) so each reads only its part.
+the trainer splits the shards between its ranks (``rank``, ``world_size``) so each reads only its part.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,25 +53,19 @@ def shard_checksum(images: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(images, dtype="<f2"))
 
 
-def rank_shards(n_shards: int, rank: int, world_size: int) -> range:
-    """The shards one rank checks: every ``world_size``-th, so ranks share the reading evenly."""
-    return range(rank, n_shards, world_size)
-
-
-def check_store(path: str | Path, shards: Sequence[int] | None = None, *, progress: bool = False,
+def check_store(path: str | Path, *, rank: int = 0, world_size: int = 1, progress: bool = False,
                 threads: int | None = None) -> StoreCheck:
-    """Read ``shards`` (default: all) of a complete store and check each, ``threads`` at a time (default: one
-    per core; ranks sharing a node pass their share, since each shard in flight holds its pixels);
-    raises StoreError only when the store's metadata cannot be read at all."""
+    """Read rank ``rank``'s share of the shards of a complete store (every ``world_size``-th, so ranks share
+    the reading evenly; default: all) and check each, ``threads`` at a time (default: one per core; ranks
+    sharing a node pass their share, since each shard in flight holds its pixels); raises StoreError only
+    when the store's metadata cannot be read at all."""
     import dask
     import zarr
 
     started = time.perf_counter()
     summary = schema.read_summary(str(path))
-    n = summary.n_samples
-    length = summary.shards[0] if summary.shards else n
-    n_shards = -(-n // length) if n else 0
-    wanted = list(range(n_shards) if shards is None else shards)
+    n, length, n_shards = summary.n_samples, summary.shard_length, summary.n_shards
+    wanted = list(range(rank, n_shards, world_size))
     recorded = summary.attrs.get("shard_crc32")
     checksums = isinstance(recorded, list) and len(recorded) == n_shards
     with schema.quiet_consolidated_warning():
