@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -104,174 +105,21 @@ def make_phantom(rng: np.random.Generator, shape: Sequence[int] = (240, 240, 155
     every brain voxel is >= 1, so the brain mask is ``volume > 0`` as in skull-stripped BraTS.
     Features scale with ``shape``, so a small phantom for tests is a shrunken full-size one.
     The arrays are Fortran-ordered, as nibabel loads NIfTI, so saving them is a plain copy.
+
+    The sections below draw from ``rng`` in this order, so a seed always gives the same subject.
     """
     nx, ny, nz = _check_shape(shape)
-    f32 = np.float32
-
-    # --- head geometry (voxels), calibrated on the real case: brain extent 140 x 190 x 137 voxels
-    a = 0.29 * nx * rng.uniform(0.90, 1.04)  # left-right semi-axis
-    b = 0.395 * ny * rng.uniform(0.90, 1.04)  # anterior-posterior semi-axis
-    cx = nx / 2 + rng.uniform(-0.03, 0.03) * nx
-    cy = 0.51 * ny + rng.uniform(-0.03, 0.03) * ny
-    extent = rng.uniform(0.82, 0.90) * nz  # inferior-superior extent of the brain
-    bottom = (nz - extent) / 2 + rng.uniform(-0.02, 0.02) * nz
-    # The widest axial section sits a few slices off the volume centre, so "largest brain slice"
-    # and "centre slice" differ as they do in real scans.
-    offset = max(2.0, rng.uniform(0.05, 0.09) * nz) * rng.choice((-1.0, 1.0))
-    zc = nz / 2 + offset
-    cz_lo, cz_hi = zc - bottom, bottom + extent - zc
-    taper = rng.uniform(0.05, 0.10)  # occipital half wider than frontal, as in real brains
-
-    # Internally arrays are (z, y, x) in C order (= (x, y, z) in Fortran order). Functions of
-    # (x, y) live on a (ny, nx) "plane", functions of z on a "line", and per-voxel arrays hold
-    # the brain voxels only (about a fifth of the grid).
-    xs = np.arange(nx, dtype=f32)
-    vv = (np.arange(ny, dtype=f32) - f32(cy)) / f32(b)  # line over y: < 0 anterior, > 0 posterior
-    a_of_y = f32(a) * (1 + f32(taper) * vv)
-    uu = (xs[None, :] - f32(cx)) / a_of_y[:, None]  # plane
-    q2 = uu * uu + (vv * vv)[:, None]  # plane: squared in-plane radius, 1 on the widest outline
-    zs = np.arange(nz, dtype=f32)
-    tt = np.where(zs < zc, (zs - f32(zc)) / f32(cz_lo), (zs - f32(zc)) / f32(cz_hi)).astype(f32)
-    # |t|**1.6 rather than t**2: narrower towards top and bottom than an ellipsoid, which brings
-    # the brain volume close to the real one for the same extents.
-    tz = np.abs(tt) ** f32(1.6)
-
-    # --- brain mask: q2 + tz <= bump**2, with a gently bumpy surface (bump within 1 +- 0.09).
-    # Only the (x, y) columns that can hold brain are computed: (nz, columns) arrays, not the grid.
-    zyx = (nz, ny, nx)
-    columns = np.flatnonzero(q2.reshape(-1) <= f32(1.09**2))
-    bump = _smooth(rng, zyx, _scaled((4, 5, 5), zyx, _FULL_ZYX), columns)
-    np.clip(bump, -3, 3, out=bump)
-    bump *= f32(0.03)
-    bump += f32(1.0)
-    slack = bump * bump
-    slack -= q2.reshape(-1).take(columns)[None, :]
-    slack -= tz[:, None]
-    in_cols = np.flatnonzero(slack >= 0)  # brain voxels, as indices into the (nz, columns) arrays
-    del slack
-    n = in_cols.size
-    k, c = np.divmod(in_cols, columns.size)
-    p = columns.take(c)  # plane index (y * nx + x) of every brain voxel; k is its z
-    del c
-    flat = k * (ny * nx) + p  # index into the (nz, ny, nx) volume
-    rho = np.sqrt(q2.reshape(-1).take(p) + tz.take(k))
-    rho /= bump.reshape(-1).take(in_cols)  # 0 at the centre, 1 at the brain surface
-    del bump
-    t = tt.take(k)
-    half = _HalfRes(zyx, k, p)
-
-    # --- normal tissue as soft fractions (partial volume at boundaries)
-    # Cortex: a grey-matter ribbon under the surface, and sulci along the zero set of a smooth
-    # random "folding" field (full resolution: sulci are thin), with CSF in the middle of each
-    # sulcus and grey matter lining both banks down to about 15 mm deep.
-    gm = _ramp(rho - 0.955, 0.02)
-    csf = np.zeros(n, dtype=f32)
-    shell = np.flatnonzero(rho > 0.74)
-    fold = _smooth(rng, zyx, _scaled((14, 24, 24), zyx, _FULL_ZYX), columns).reshape(-1).take(in_cols.take(shell))
-    np.abs(fold, out=fold)
-    rho_s = rho.take(shell)
-    gm[shell] = np.maximum(gm.take(shell), _ramp(0.35 - fold, 0.1) * _ramp(rho_s - 0.78, 0.04))
-    csf[shell] = _ramp(0.07 - fold, 0.06) * _ramp(rho_s - 0.81, 0.04)
-    del fold, rho_s, shell
-
-    # Interhemispheric fissure: a thin midline sheet of CSF above the ventricles.
-    mid = _ramp(0.018 * a - np.abs(xs - f32(cx)), 1.0)  # line over x
-    mid = np.broadcast_to(mid[None, :], (ny, nx)).reshape(-1)  # as a plane
-    sel = np.flatnonzero(mid.take(p) > 0)
-    if sel.size:
-        fissure = mid.take(p.take(sel)) * _ramp(rho.take(sel) - 0.5, 0.1) * _ramp(t.take(sel) + 0.1, 0.2)
-        csf[sel] = np.maximum(csf.take(sel), fissure)
-
-    # Lateral ventricles (banana-shaped, ends bending down) and deep grey nuclei beside them,
-    # all well inside rho < 0.8 (half the brain voxels, so half the work).
-    ventricles = np.zeros(n, dtype=f32)
-    central = np.flatnonzero(rho < 0.8)
-    p_c, t_c = p.take(central), t.take(central)
-    v0, t0 = rng.uniform(-0.10, 0.0), rng.uniform(0.05, 0.15)
-    for side in (-1.0, 1.0):
-        centre = (side * rng.uniform(0.11, 0.15), v0, t0)
-        semi = (rng.uniform(0.08, 0.11), rng.uniform(0.30, 0.36), rng.uniform(0.18, 0.24))
-        sel, inside = _ellipsoid(uu, vv, p_c, t_c, centre, semi, bend=0.06)
-        sel = central.take(sel)
-        ventricles[sel] = np.maximum(ventricles.take(sel), inside)
-        centre = (side * rng.uniform(0.26, 0.32), v0 + 0.12, t0 - 0.12)
-        semi = (rng.uniform(0.10, 0.13), rng.uniform(0.16, 0.22), rng.uniform(0.16, 0.22))
-        sel, inside = _ellipsoid(uu, vv, p_c, t_c, centre, semi)
-        sel = central.take(sel)
-        gm[sel] = np.maximum(gm.take(sel), inside)
-    del central, p_c, t_c
-    np.maximum(csf, ventricles, out=csf)
-
-    # Mix tissue means per modality: level = WM + gm (GM - WM) + csf (CSF - WM) - csf gm (GM - WM).
-    gains = rng.uniform(0.85, 1.15, size=len(MODALITIES)).astype(f32)  # scanners differ in scale
-    means = np.array([_TISSUE_MEANS[m] for m in MODALITIES], dtype=f32) * gains[:, None]
-    wm_, gm_, csf_ = means[:, 0], means[:, 1], means[:, 2]
-    mix = np.stack([wm_, gm_ - wm_, csf_ - wm_, wm_ - gm_], axis=1)  # (modality, 4)
-    basis = np.empty((4, n), dtype=f32)
-    basis[0] = 1
-    basis[1] = gm
-    basis[2] = csf
-    np.multiply(csf, gm, out=basis[3])
-    levels = mix @ basis  # (modality, voxel)
-    del basis, gm
-
-    # --- one tumour: off-centre, enhancing rim inside the brain, oedema around it
-    ci, cj, ck, radius = _place_tumour(rng, a, b, cx, cy, zc, (cz_lo, cz_hi), zyx, flat)
-    core_ratio = rng.uniform(0.45, 0.70)
-    oedema_ratio = rng.uniform(1.5, 2.2)
-    dxy = ((np.arange(ny, dtype=f32) - f32(cj)) ** 2)[:, None] + ((xs - f32(ci)) ** 2)[None, :]  # plane
-    d2 = dxy.reshape(-1).take(p) + ((zs - f32(ck)) ** 2).take(k)
-    reach = oedema_ratio / 0.7 * radius  # no lesion beyond this, whatever the shape noise
-    sel = np.flatnonzero(d2 < f32(reach * reach))
-    dist = np.sqrt(d2.take(sel)) / f32(radius)
-    del d2
-    # Irregular outlines: "distances" scaled by full-resolution smooth fields (2-voxel steps of a
-    # half-resolution one would show at the edges), evaluated only where they can matter. The
-    # clips keep the oedema outline (>= 1.5 / 1.1 radii) outside the tumour's (<= 1 / 0.75).
-    d_oed = dist * np.clip(1 + 0.4 * _smooth_at(rng, zyx, (10, 14, 14), k.take(sel), p.take(sel)), 0.7, 1.1)
-    near = np.flatnonzero(dist < 1 / 0.75)
-    d_core = np.full(sel.size, np.inf, dtype=f32)
-    tumour_voxels = sel.take(near)
-    d_core[near] = dist.take(near) * np.clip(
-        1 + 0.25 * _smooth_at(rng, zyx, (10, 14, 14), k.take(tumour_voxels), p.take(tumour_voxels)), 0.75, 1.3
-    )
-    vent = ventricles.take(sel)
-    w_tumour = _ramp(1 - d_core, 0.2)
-    w_necrosis = _ramp(core_ratio - d_core, 0.2)
-    w_lesion = np.maximum(_ramp(oedema_ratio - d_oed, 0.3) * (1 - vent), w_tumour)  # oedema spares CSF
-    lesion_means = means[:, 3:]  # (modality, [oedema, enhancing, necrosis])
-    lesion = lesion_means @ np.stack([w_lesion - w_tumour, w_tumour - w_necrosis, w_necrosis])
-    levels[:, sel] = levels[:, sel] * (1 - w_lesion) + lesion
-
-    labels = np.zeros(sel.size, dtype=np.uint8)
-    labels[(d_oed < oedema_ratio) & (vent < 0.5)] = 2
-    labels[d_core < 1] = 4
-    labels[d_core < core_ratio] = 1
-    seg = np.zeros(zyx, dtype=np.uint8)
-    seg.reshape(-1)[flat.take(sel)] = labels
-
-    # --- per modality: anatomical texture x bias field, noise, round to int16 inside the brain only
-    texture = half.gather(1 + 0.04 * half.smooth(rng, (10, 14, 12)))
-    # Gaussian noise for all modalities from one draw: modality m reads it shifted by m * stride,
-    # so at every voxel the modalities get different, independent samples. A quarter of the cost
-    # of four draws, which would otherwise be the largest single step.
-    stride = 7919
-    noise = rng.standard_normal(n + stride * (len(MODALITIES) - 1), dtype=f32)
-    out: dict[str, np.ndarray] = {}
-    for m, name in enumerate(MODALITIES):
-        # Receive-coil bias: smooth and low order, here an in-plane field times a z profile.
-        bias_xy = 1 + 0.05 * _smooth(rng, (1, ny, nx), (1, 4, 4)).reshape(-1)
-        bias_z = 1 + 0.03 * _smooth(rng, (nz, 1, 1), (3, 1, 1)).reshape(-1)
-        values = levels[m]
-        values *= texture
-        values *= bias_xy.take(p)
-        values *= bias_z.take(k)
-        values += noise[m * stride : m * stride + n] * (0.025 * wm_[m])
-        values += 0.5  # round half up on the cast below (values are positive)
-        np.clip(values, 1, np.iinfo(np.int16).max, out=values)
-        vol = np.zeros(zyx, dtype=np.int16)
-        vol.reshape(-1)[flat] = values.astype(np.int16)
-        out[name] = vol.T
+    head = _head_geometry(rng, nx, ny, nz)
+    grid = _head_coordinates(head, nx, ny, nz)
+    brain = _brain_voxels(rng, grid)
+    gm, csf = _cortex(rng, grid, brain)
+    _add_fissure(csf, head, grid, brain)
+    ventricles = _add_deep_structures(rng, grid, brain, gm, csf)
+    levels, means = _tissue_levels(rng, gm, csf, brain.n)
+    lesion = _tumour_shape(rng, head, grid, brain, ventricles)
+    _add_lesion_levels(levels, means, lesion)
+    seg = _lesion_labels(lesion, grid.zyx, brain.flat)
+    out = _modalities(rng, levels, means[:, 0], grid.zyx, brain)
     out[_SEG] = seg.T
     return out
 
@@ -322,6 +170,309 @@ def write_phantom_dataset(
         time.perf_counter() - began,
     )
     return folders
+
+
+# ----------------------------------------------------------------------------------------------
+# the sections of make_phantom, in the order it runs them
+
+
+@dataclass(frozen=True)
+class _Head:
+    """Where the brain sits (voxels): semi-axes a (left-right) and b (anterior-posterior), in-plane
+    centre (cx, cy), the widest axial section's z and the brain's extent below and above it, and
+    how much wider the occipital half is than the frontal one."""
+
+    a: float
+    b: float
+    cx: float
+    cy: float
+    zc: float
+    cz_lo: float
+    cz_hi: float
+    taper: float
+
+
+def _head_geometry(rng: np.random.Generator, nx: int, ny: int, nz: int) -> _Head:
+    """Head geometry (voxels), calibrated on the real case: brain extent 140 x 190 x 137 voxels."""
+    a = 0.29 * nx * rng.uniform(0.90, 1.04)  # left-right semi-axis
+    b = 0.395 * ny * rng.uniform(0.90, 1.04)  # anterior-posterior semi-axis
+    cx = nx / 2 + rng.uniform(-0.03, 0.03) * nx
+    cy = 0.51 * ny + rng.uniform(-0.03, 0.03) * ny
+    extent = rng.uniform(0.82, 0.90) * nz  # inferior-superior extent of the brain
+    bottom = (nz - extent) / 2 + rng.uniform(-0.02, 0.02) * nz
+    # The widest axial section sits a few slices off the volume centre, so "largest brain slice"
+    # and "centre slice" differ as they do in real scans.
+    offset = max(2.0, rng.uniform(0.05, 0.09) * nz) * rng.choice((-1.0, 1.0))
+    zc = nz / 2 + offset
+    cz_lo, cz_hi = zc - bottom, bottom + extent - zc
+    taper = rng.uniform(0.05, 0.10)  # occipital half wider than frontal, as in real brains
+    return _Head(a, b, cx, cy, zc, cz_lo, cz_hi, taper)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Normalised head coordinates over the grid.
+
+    Internally arrays are (z, y, x) in C order (= (x, y, z) in Fortran order). Functions of
+    (x, y) live on a (ny, nx) "plane", functions of z on a "line", and per-voxel arrays hold
+    the brain voxels only (about a fifth of the grid).
+    """
+
+    zyx: tuple[int, int, int]
+    xs: np.ndarray  # line over x (voxels)
+    zs: np.ndarray  # line over z (voxels)
+    vv: np.ndarray  # line over y: < 0 anterior, > 0 posterior
+    uu: np.ndarray  # plane
+    q2: np.ndarray  # plane: squared in-plane radius, 1 on the widest outline
+    tt: np.ndarray  # line over z: < 0 below the widest section, > 0 above
+    tz: np.ndarray  # line over z: tt's share of the squared radius
+
+
+def _head_coordinates(head: _Head, nx: int, ny: int, nz: int) -> _Grid:
+    """Coordinates normalised to the head: 0 at its centre, 1 on its widest outline."""
+    f32 = np.float32
+    xs = np.arange(nx, dtype=f32)
+    vv = (np.arange(ny, dtype=f32) - f32(head.cy)) / f32(head.b)
+    a_of_y = f32(head.a) * (1 + f32(head.taper) * vv)
+    uu = (xs[None, :] - f32(head.cx)) / a_of_y[:, None]
+    q2 = uu * uu + (vv * vv)[:, None]
+    zs = np.arange(nz, dtype=f32)
+    zc = head.zc
+    tt = np.where(zs < zc, (zs - f32(zc)) / f32(head.cz_lo), (zs - f32(zc)) / f32(head.cz_hi)).astype(f32)
+    # |t|**1.6 rather than t**2: narrower towards top and bottom than an ellipsoid, which brings
+    # the brain volume close to the real one for the same extents.
+    tz = np.abs(tt) ** f32(1.6)
+    return _Grid((nz, ny, nx), xs, zs, vv, uu, q2, tt, tz)
+
+
+@dataclass(frozen=True)
+class _Brain:
+    """The brain voxels: ``k`` their z, ``p`` their plane index (y * nx + x), ``flat`` their index
+    into the (nz, ny, nx) volume, ``rho`` 0 at the centre and 1 at the brain surface, ``t`` the
+    normalised z; ``columns`` the (x, y) columns that can hold brain and ``in_cols`` the voxels
+    as indices into the (nz, columns) arrays."""
+
+    columns: np.ndarray
+    in_cols: np.ndarray
+    n: int
+    k: np.ndarray
+    p: np.ndarray
+    flat: np.ndarray
+    rho: np.ndarray
+    t: np.ndarray
+    half: _HalfRes
+
+
+def _brain_voxels(rng: np.random.Generator, grid: _Grid) -> _Brain:
+    """Brain mask: q2 + tz <= bump**2, with a gently bumpy surface (bump within 1 +- 0.09).
+
+    Only the (x, y) columns that can hold brain are computed: (nz, columns) arrays, not the grid.
+    """
+    f32 = np.float32
+    zyx = grid.zyx
+    _, ny, nx = zyx
+    q2, tz = grid.q2, grid.tz
+    columns = np.flatnonzero(q2.reshape(-1) <= f32(1.09**2))
+    bump = _smooth(rng, zyx, _scaled((4, 5, 5), zyx, _FULL_ZYX), columns)
+    np.clip(bump, -3, 3, out=bump)
+    bump *= f32(0.03)
+    bump += f32(1.0)
+    slack = bump * bump
+    slack -= q2.reshape(-1).take(columns)[None, :]
+    slack -= tz[:, None]
+    in_cols = np.flatnonzero(slack >= 0)
+    del slack
+    n = in_cols.size
+    k, c = np.divmod(in_cols, columns.size)
+    p = columns.take(c)
+    del c
+    flat = k * (ny * nx) + p
+    rho = np.sqrt(q2.reshape(-1).take(p) + tz.take(k))
+    rho /= bump.reshape(-1).take(in_cols)
+    del bump
+    t = grid.tt.take(k)
+    half = _HalfRes(zyx, k, p)
+    return _Brain(columns, in_cols, n, k, p, flat, rho, t, half)
+
+
+def _cortex(rng: np.random.Generator, grid: _Grid, brain: _Brain) -> tuple[np.ndarray, np.ndarray]:
+    """Normal tissue as soft fractions (partial volume at boundaries), grey matter and CSF per brain voxel,
+    starting with the cortex.
+
+    A grey-matter ribbon under the surface, and sulci along the zero set of a smooth random
+    "folding" field (full resolution: sulci are thin), with CSF in the middle of each sulcus and
+    grey matter lining both banks down to about 15 mm deep.
+    """
+    f32 = np.float32
+    rho = brain.rho
+    gm = _ramp(rho - 0.955, 0.02)
+    csf = np.zeros(brain.n, dtype=f32)
+    shell = np.flatnonzero(rho > 0.74)
+    zyx = grid.zyx
+    fold = _smooth(rng, zyx, _scaled((14, 24, 24), zyx, _FULL_ZYX), brain.columns).reshape(-1).take(brain.in_cols.take(shell))
+    np.abs(fold, out=fold)
+    rho_s = rho.take(shell)
+    gm[shell] = np.maximum(gm.take(shell), _ramp(0.35 - fold, 0.1) * _ramp(rho_s - 0.78, 0.04))
+    csf[shell] = _ramp(0.07 - fold, 0.06) * _ramp(rho_s - 0.81, 0.04)
+    return gm, csf
+
+
+def _add_fissure(csf: np.ndarray, head: _Head, grid: _Grid, brain: _Brain) -> None:
+    """Interhemispheric fissure: a thin midline sheet of CSF above the ventricles, into ``csf``."""
+    f32 = np.float32
+    _, ny, nx = grid.zyx
+    p = brain.p
+    mid = _ramp(0.018 * head.a - np.abs(grid.xs - f32(head.cx)), 1.0)  # line over x
+    mid = np.broadcast_to(mid[None, :], (ny, nx)).reshape(-1)  # as a plane
+    sel = np.flatnonzero(mid.take(p) > 0)
+    if sel.size:
+        fissure = mid.take(p.take(sel)) * _ramp(brain.rho.take(sel) - 0.5, 0.1) * _ramp(brain.t.take(sel) + 0.1, 0.2)
+        csf[sel] = np.maximum(csf.take(sel), fissure)
+
+
+def _add_deep_structures(
+    rng: np.random.Generator, grid: _Grid, brain: _Brain, gm: np.ndarray, csf: np.ndarray
+) -> np.ndarray:
+    """Lateral ventricles (banana-shaped, ends bending down) into ``csf`` and deep grey nuclei beside
+    them into ``gm``, all well inside rho < 0.8 (half the brain voxels, so half the work).
+    Returns the ventricles' fraction per brain voxel (the oedema spares them)."""
+    ventricles = np.zeros(brain.n, dtype=np.float32)
+    central = np.flatnonzero(brain.rho < 0.8)
+    p_c, t_c = brain.p.take(central), brain.t.take(central)
+    uu, vv = grid.uu, grid.vv
+    v0, t0 = rng.uniform(-0.10, 0.0), rng.uniform(0.05, 0.15)
+    for side in (-1.0, 1.0):
+        centre = (side * rng.uniform(0.11, 0.15), v0, t0)
+        semi = (rng.uniform(0.08, 0.11), rng.uniform(0.30, 0.36), rng.uniform(0.18, 0.24))
+        sel, inside = _ellipsoid(uu, vv, p_c, t_c, centre, semi, bend=0.06)
+        sel = central.take(sel)
+        ventricles[sel] = np.maximum(ventricles.take(sel), inside)
+        centre = (side * rng.uniform(0.26, 0.32), v0 + 0.12, t0 - 0.12)
+        semi = (rng.uniform(0.10, 0.13), rng.uniform(0.16, 0.22), rng.uniform(0.16, 0.22))
+        sel, inside = _ellipsoid(uu, vv, p_c, t_c, centre, semi)
+        sel = central.take(sel)
+        gm[sel] = np.maximum(gm.take(sel), inside)
+    np.maximum(csf, ventricles, out=csf)
+    return ventricles
+
+
+def _tissue_levels(rng: np.random.Generator, gm: np.ndarray, csf: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-modality intensity of every brain voxel from its tissue fractions, and the tissue means
+    (modality, tissue) of this subject's scanner.
+
+    Mix tissue means per modality: level = WM + gm (GM - WM) + csf (CSF - WM) - csf gm (GM - WM).
+    """
+    f32 = np.float32
+    gains = rng.uniform(0.85, 1.15, size=len(MODALITIES)).astype(f32)  # scanners differ in scale
+    means = np.array([_TISSUE_MEANS[m] for m in MODALITIES], dtype=f32) * gains[:, None]
+    wm_, gm_, csf_ = means[:, 0], means[:, 1], means[:, 2]
+    mix = np.stack([wm_, gm_ - wm_, csf_ - wm_, wm_ - gm_], axis=1)  # (modality, 4)
+    basis = np.empty((4, n), dtype=f32)
+    basis[0] = 1
+    basis[1] = gm
+    basis[2] = csf
+    np.multiply(csf, gm, out=basis[3])
+    levels = mix @ basis  # (modality, voxel)
+    return levels, means
+
+
+@dataclass(frozen=True)
+class _Lesion:
+    """The tumour's reach: brain voxels ``sel`` (indices into the brain-voxel arrays) that it can
+    touch, their ventricle fraction, their shape-noisy distances in enhancing radii to the oedema
+    and tumour outlines, and the necrotic core's and oedema's radii in the same unit."""
+
+    sel: np.ndarray
+    vent: np.ndarray
+    d_oed: np.ndarray
+    d_core: np.ndarray
+    core_ratio: float
+    oedema_ratio: float
+
+
+def _tumour_shape(
+    rng: np.random.Generator, head: _Head, grid: _Grid, brain: _Brain, ventricles: np.ndarray
+) -> _Lesion:
+    """One tumour: off-centre, enhancing rim inside the brain, oedema around it."""
+    f32 = np.float32
+    zyx = grid.zyx
+    ny = zyx[1]
+    k, p = brain.k, brain.p
+    ci, cj, ck, radius = _place_tumour(
+        rng, head.a, head.b, head.cx, head.cy, head.zc, (head.cz_lo, head.cz_hi), zyx, brain.flat
+    )
+    core_ratio = rng.uniform(0.45, 0.70)
+    oedema_ratio = rng.uniform(1.5, 2.2)
+    dxy = ((np.arange(ny, dtype=f32) - f32(cj)) ** 2)[:, None] + ((grid.xs - f32(ci)) ** 2)[None, :]  # plane
+    d2 = dxy.reshape(-1).take(p) + ((grid.zs - f32(ck)) ** 2).take(k)
+    reach = oedema_ratio / 0.7 * radius  # no lesion beyond this, whatever the shape noise
+    sel = np.flatnonzero(d2 < f32(reach * reach))
+    dist = np.sqrt(d2.take(sel)) / f32(radius)
+    del d2
+    # Irregular outlines: "distances" scaled by full-resolution smooth fields (2-voxel steps of a
+    # half-resolution one would show at the edges), evaluated only where they can matter. The
+    # clips keep the oedema outline (>= 1.5 / 1.1 radii) outside the tumour's (<= 1 / 0.75).
+    d_oed = dist * np.clip(1 + 0.4 * _smooth_at(rng, zyx, (10, 14, 14), k.take(sel), p.take(sel)), 0.7, 1.1)
+    near = np.flatnonzero(dist < 1 / 0.75)
+    d_core = np.full(sel.size, np.inf, dtype=f32)
+    tumour_voxels = sel.take(near)
+    d_core[near] = dist.take(near) * np.clip(
+        1 + 0.25 * _smooth_at(rng, zyx, (10, 14, 14), k.take(tumour_voxels), p.take(tumour_voxels)), 0.75, 1.3
+    )
+    return _Lesion(sel, ventricles.take(sel), d_oed, d_core, core_ratio, oedema_ratio)
+
+
+def _add_lesion_levels(levels: np.ndarray, means: np.ndarray, lesion: _Lesion) -> None:
+    """Oedema, enhancing tumour and necrotic core intensities blended into ``levels``."""
+    w_tumour = _ramp(1 - lesion.d_core, 0.2)
+    w_necrosis = _ramp(lesion.core_ratio - lesion.d_core, 0.2)
+    w_lesion = np.maximum(_ramp(lesion.oedema_ratio - lesion.d_oed, 0.3) * (1 - lesion.vent), w_tumour)  # oedema spares CSF
+    lesion_means = means[:, 3:]  # (modality, [oedema, enhancing, necrosis])
+    blend = lesion_means @ np.stack([w_lesion - w_tumour, w_tumour - w_necrosis, w_necrosis])
+    levels[:, lesion.sel] = levels[:, lesion.sel] * (1 - w_lesion) + blend
+
+
+def _lesion_labels(lesion: _Lesion, zyx: tuple[int, int, int], flat: np.ndarray) -> np.ndarray:
+    """The BraTS label map (z, y, x): 2 oedema, 4 enhancing tumour, 1 necrotic core."""
+    labels = np.zeros(lesion.sel.size, dtype=np.uint8)
+    labels[(lesion.d_oed < lesion.oedema_ratio) & (lesion.vent < 0.5)] = 2
+    labels[lesion.d_core < 1] = 4
+    labels[lesion.d_core < lesion.core_ratio] = 1
+    seg = np.zeros(zyx, dtype=np.uint8)
+    seg.reshape(-1)[flat.take(lesion.sel)] = labels
+    return seg
+
+
+def _modalities(
+    rng: np.random.Generator, levels: np.ndarray, wm_: np.ndarray, zyx: tuple[int, int, int], brain: _Brain
+) -> dict[str, np.ndarray]:
+    """Per modality: anatomical texture x bias field, noise, round to int16 inside the brain only."""
+    f32 = np.float32
+    nz, ny, nx = zyx
+    n, k, p = brain.n, brain.k, brain.p
+    half = brain.half
+    texture = half.gather(1 + 0.04 * half.smooth(rng, (10, 14, 12)))
+    # Gaussian noise for all modalities from one draw: modality m reads it shifted by m * stride,
+    # so at every voxel the modalities get different, independent samples. A quarter of the cost
+    # of four draws, which would otherwise be the largest single step.
+    stride = 7919
+    noise = rng.standard_normal(n + stride * (len(MODALITIES) - 1), dtype=f32)
+    out: dict[str, np.ndarray] = {}
+    for m, name in enumerate(MODALITIES):
+        # Receive-coil bias: smooth and low order, here an in-plane field times a z profile.
+        bias_xy = 1 + 0.05 * _smooth(rng, (1, ny, nx), (1, 4, 4)).reshape(-1)
+        bias_z = 1 + 0.03 * _smooth(rng, (nz, 1, 1), (3, 1, 1)).reshape(-1)
+        values = levels[m]
+        values *= texture
+        values *= bias_xy.take(p)
+        values *= bias_z.take(k)
+        values += noise[m * stride : m * stride + n] * (0.025 * wm_[m])
+        values += 0.5  # round half up on the cast below (values are positive)
+        np.clip(values, 1, np.iinfo(np.int16).max, out=values)
+        vol = np.zeros(zyx, dtype=np.int16)
+        vol.reshape(-1)[brain.flat] = values.astype(np.int16)
+        out[name] = vol.T
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
