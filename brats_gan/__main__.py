@@ -1,3 +1,3 @@
-from brats_gan.cli import main
+from brats_gan.commands import main
 
 raise SystemExit(main())

@@ -1,5 +1,5 @@
 """The library's own exceptions. Each message says in one line what is wrong and, where there is one,
-the fix; the command line (``brats_gan.cli``, ``python -m brats_gan.train``) prints it and turns it into an
+the fix; the command line (``brats_gan.commands``) prints it and turns it into an
 exit status, and the library never imports the command line."""
 
 from __future__ import annotations

@@ -1,15 +1,14 @@
-"""`brats-gan evaluate`: how close a synthetic slice store is to a real one, as figures and a report.
+"""How close a synthetic slice store is to a real one, as figures and a report (:func:`evaluate`).
 
-Reads any two stores of the schema (``--real`` from `brats-gan preprocess`, ``--fake`` from `brats-gan
-generate`, or any other pair), brings them to one size, runs the metrics of :mod:`brats_gan.metrics` and
-prints them (``--json``: one JSON object). ``--report DIR`` adds the JSON, one ``metric-<name>.jsonl`` line per
-metric and the PNGs of :mod:`brats_gan.report`. The README section "Evaluating synthetic slices" defines each
-figure.
+Reads any two stores of the schema (``real`` from `brats-gan preprocess`, ``fake`` from `brats-gan
+generate`, or any other pair), brings them to one size and runs the metrics of :mod:`brats_gan.metrics`;
+``report`` adds the JSON, one ``metric-<name>.jsonl`` line per metric and the PNGs of :mod:`brats_gan.report`.
+Refusals name the command's flags (``--real``, ``--max-images``), which are the parameters' names. The README
+section "Evaluating synthetic slices" defines each figure; `brats-gan evaluate` prints them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import dataclass
@@ -29,36 +28,15 @@ RESULT_KEYS = ("swd", "swd_floor", "checkerboard", "checkerboard_real", "ms_ssim
                "memorisation_share", "fid", "kid", "kid_std", "precision", "recall")
 
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    from brats_gan.metrics import list_metrics
-
-    p.add_argument("--real", required=True, metavar="REAL.zarr",
-                   help="real slices; with --train they must be held out (subjects not in the training store)")
-    p.add_argument("--fake", required=True, metavar="FAKE.zarr", help="synthetic slices (e.g. from `brats-gan generate`)")
-    p.add_argument("--train", metavar="TRAIN.zarr", help="the generator's training store: enables the memorisation figures")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--report", metavar="DIR", help="write metrics.json, metric-<name>.jsonl and PNGs here")
-    p.add_argument("--inception-weights", metavar="FILE",
-                   help="the FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth): enables FID, KID, "
-                        "precision and recall; never downloaded")
-    p.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
-                   help=f"slices drawn at random from --real and from --fake (default {DEFAULT_MAX_IMAGES}); "
-                        "the training store is always read in full")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (subsets, patches, pairs)")
-    p.add_argument("--metrics", default=",".join(list_metrics()),
-                   help=f"comma-separated subset of {','.join(list_metrics())} (default: all)")
-
-
 # --------------------------------------------------------------------------------------------
 # checks before any pixel is read
 
 
-def _summaries(args: argparse.Namespace) -> dict[str, Any]:
+def _summaries(paths: dict[str, str | None]) -> dict[str, Any]:
     from brats_gan.schema import StoreError, require_complete
 
     out = {}
-    for role in ("real", "fake", "train"):
-        path = getattr(args, role)
+    for role, path in paths.items():
         if path is None:
             continue
         try:
@@ -100,10 +78,11 @@ def _check_train(real: Source, train: Source) -> None:
                            "with --train, --real must be held-out subjects")
 
 
-def _metric_names(args: argparse.Namespace) -> list[str]:
+def metric_names(spec: str) -> list[str]:
+    """The metrics of a comma-separated list, refused by name when unknown."""
     from brats_gan.metrics import is_valid_metric, list_metrics
 
-    names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    names = [m.strip() for m in spec.split(",") if m.strip()]
     unknown = [m for m in names if not is_valid_metric(m)]
     if unknown or not names:
         raise UserError(f"--metrics: unknown {unknown or 'empty list'}; choose from {','.join(list_metrics())}")
@@ -150,41 +129,6 @@ def load_set(path: str, store: Any, indices: np.ndarray, size: int, desc: str) -
     )
 
 
-# --------------------------------------------------------------------------------------------
-# output
-
-
-def _format_table(out: dict[str, Any]) -> str:
-    """The figures as lines a person reads; rows of metrics that did not run are left out (their notes say why)."""
-    lines = [
-        f"real  {out['real']}: {out['n_real']} slices",
-        f"fake  {out['fake']}: {out['n_fake']} slices",
-        *([f"train {out['train']}: {out['n_train']} slices"] if out["train"] else []),
-        f"compared at {out['image_size']} px, {out['channels']} channel(s)",
-        "",
-    ]
-    if out["swd"] is not None:
-        levels = " ".join(f"{v:.1f}" for v in out["swd_levels"])
-        lines.append(f"SWD x1e3        {out['swd']:.2f}   floor (real half vs real half) {out['swd_floor']:.2f}"
-                     f"   per level {out['swd_resolutions']} px: {levels}")
-    if out["checkerboard"] is not None:
-        lines.append(f"checkerboard    {out['checkerboard']:.2f} dB synthetic, {out['checkerboard_real']:.2f} dB real"
-                     "   (0 dB = no grid)")
-    if out["ms_ssim_fake"] is not None:
-        lines.append(f"MS-SSIM pairs   {out['ms_ssim_fake']:.3f} synthetic, {out['ms_ssim_real']:.3f} real"
-                     "   (lower = more diverse)")
-    if out["memorisation_share"] is not None:
-        lines.append(
-            f"memorisation    {100 * out['memorisation_share']:.1f}% of synthetic slices closer to a training slice "
-            f"than any held-out slice (RMS {out['memorisation_threshold']:.4f}); median nearest-training RMS "
-            f"{out['nearest_train_fake_median']:.4f} synthetic, {out['nearest_train_real_median']:.4f} held-out")
-    if out["fid"] is not None:
-        lines.append(f"Inception-v3    FID {out['fid']:.2f}   KID {out['kid']:.4f} ± {out['kid_std']:.4f}   "
-                     f"precision {out['precision']:.3f}   recall {out['recall']:.3f}")
-    lines += [f"note: {n}" for n in out["notes"]]
-    return "\n".join(lines)
-
-
 @dataclass
 class Source:
     """One store of the command line: its summary, its xarray dataset and the positions of the slices drawn."""
@@ -198,7 +142,8 @@ class Source:
         return self.store.subject.values[self.indices]
 
 
-def _check_args(args: argparse.Namespace, names: list[str], notes: list[str]) -> dict[str, Source]:
+def _check_args(paths: dict[str, str | None], names: list[str], max_images: int, seed: int,
+                inception_weights: str | None, notes: list[str]) -> dict[str, Source]:
     """Every refusal that needs no pixels; returns the stores and the slices drawn from each."""
     from brats_gan.metrics import (
         SWD_MIN_IMAGES,
@@ -212,23 +157,23 @@ def _check_args(args: argparse.Namespace, names: list[str], notes: list[str]) ->
         check_torchvision()
     except MetricUnavailable as err:
         raise UserError(str(err)) from None
-    if args.max_images < 2 * SWD_MIN_IMAGES:
+    if max_images < 2 * SWD_MIN_IMAGES:
         raise UserError(f"--max-images must be at least {2 * SWD_MIN_IMAGES} (two real halves for the SWD floor)")
-    summaries = _summaries(args)
+    summaries = _summaries(paths)
     _check_channels(summaries, notes)
-    rng = np.random.default_rng(args.seed)  # drawn in role order: real, fake (train is read whole)
-    sources = {role: Source(s, open_store(s.path), draw(s.n_samples, None if role == "train" else args.max_images, rng))
+    rng = np.random.default_rng(seed)  # drawn in role order: real, fake (train is read whole)
+    sources = {role: Source(s, open_store(s.path), draw(s.n_samples, None if role == "train" else max_images, rng))
                for role, s in summaries.items()}
     if "train" in sources:
         _check_train(sources["real"], sources["train"])
     real, fake = sources["real"], sources["fake"]
-    if "swd" in names and swd_images_per_side(real.subjects, len(fake.indices), args.seed) < SWD_MIN_IMAGES:
+    if "swd" in names and swd_images_per_side(real.subjects, len(fake.indices), seed) < SWD_MIN_IMAGES:
         raise UserError(f"too few slices for the SWD floor: {len(real.indices)} real and {len(fake.indices)} "
                            "synthetic; it needs two disjoint real halves (whole subjects each) of at least "
                            f"{SWD_MIN_IMAGES} slices and {SWD_MIN_IMAGES} synthetic")
-    if args.inception_weights and "inception" in names:
+    if inception_weights and "inception" in names:
         try:
-            warning = check_inception_weights(args.inception_weights)
+            warning = check_inception_weights(inception_weights)
         except MetricUnavailable as err:
             raise UserError(str(err)) from None
         if warning:
@@ -241,7 +186,8 @@ def _check_args(args: argparse.Namespace, names: list[str], notes: list[str]) ->
     return sources
 
 
-def _load(names: list[str], sources: dict[str, Source], args: argparse.Namespace, notes: list[str]) -> Any:
+def _load(names: list[str], sources: dict[str, Source], seed: int, inception_weights: str | None,
+          notes: list[str]) -> Any:
     """The slices every metric sees: real and fake at the smaller store's size, train at 64 px at most."""
     from brats_gan.metrics import MEMORISATION_SIZE, EvalData
 
@@ -260,24 +206,35 @@ def _load(names: list[str], sources: dict[str, Source], args: argparse.Namespace
         source = sources[role]
         return load_set(source.summary.path, source.store, source.indices, at, role)
 
-    data = EvalData(real=read("real", size), fake=read("fake", size), seed=args.seed,
-                    inception_weights=args.inception_weights, notes=notes)
+    data = EvalData(real=read("real", size), fake=read("fake", size), seed=seed,
+                    inception_weights=inception_weights, notes=notes)
     if "train" in sources:
         data.train = read("train", min(MEMORISATION_SIZE, size, sources["train"].summary.image_shape[-1]))
     return data
 
 
-def run(args: argparse.Namespace) -> int:
-    from brats_gan.metrics import MetricUnavailable, calc_metric, report_metric
+def evaluate(real: str, fake: str, train: str | None = None, *, metrics: str | None = None,
+             max_images: int = DEFAULT_MAX_IMAGES, seed: int = 0, inception_weights: str | None = None,
+             report: str | Path | None = None) -> dict[str, Any]:
+    """The figures of ``fake`` against ``real`` (and memorisation against ``train``) as one JSON-ready dict
+    with every key of :data:`RESULT_KEYS` (None where a metric did not run; ``notes`` says why); ``metrics``
+    a comma-separated subset of the registry (default: all). Every refusal comes before a pixel is read."""
+    from brats_gan.metrics import (
+        MetricUnavailable,
+        calc_metric,
+        list_metrics,
+        report_metric,
+    )
 
-    names = _metric_names(args)
+    names = metric_names(",".join(list_metrics()) if metrics is None else metrics)
     notes: list[str] = []
-    sources = _check_args(args, names, notes)
-    data = _load(names, sources, args, notes)
+    sources = _check_args({"real": real, "fake": fake, "train": train}, names, max_images, seed,
+                          inception_weights, notes)
+    data = _load(names, sources, seed, inception_weights, notes)
     out: dict[str, Any] = {
         "real": data.real.path, "fake": data.fake.path, "train": data.train.path if data.train else None,
         "n_real": len(data.real), "n_fake": len(data.fake), "n_train": len(data.train) if data.train else None,
-        "image_size": data.real.size, "channels": data.channels, "seed": args.seed,
+        "image_size": data.real.size, "channels": data.channels, "seed": seed,
         **{k: None for k in RESULT_KEYS},
     }
     results = []
@@ -286,8 +243,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = calc_metric(name, data)
         except MetricUnavailable as err:
-            if args.json:
-                log.info("%s", err)
+            log.info("%s", err)
             notes.append(str(err))
             continue
         log.info("%s done in %s", name, result["total_time_str"])
@@ -298,15 +254,14 @@ def run(args: argparse.Namespace) -> int:
                      "the first exponents of Wang et al., renormalised")
     out["notes"] = notes
 
-    if args.report:
+    if report is not None:
         from brats_gan.report import write_report
 
-        report_dir = Path(args.report)
+        report_dir = Path(report)
         report_dir.mkdir(parents=True, exist_ok=True)
         for result in results:
-            report_metric(result, report_dir, real=out["real"], fake=out["fake"], train=out["train"], seed=args.seed)
+            report_metric(result, report_dir, real=out["real"], fake=out["fake"], train=out["train"], seed=seed)
         (report_dir / "metrics.json").write_text(json.dumps(out, indent=2) + "\n")
         written = write_report(report_dir, data, out)
         log.info("report: %s", ", ".join(str(p) for p in [report_dir / "metrics.json", *written]))
-    print(json.dumps(out) if args.json else _format_table(out))
-    return 0
+    return out

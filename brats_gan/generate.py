@@ -1,4 +1,4 @@
-"""`brats-gan generate`: synthetic slices from a training run's generator, in the slice store's schema.
+"""Synthetic slices from a training run's generator, in the slice store's schema.
 
 A synthetic store is a slice store like the one `preprocess` writes (same variable, coordinates,
 dtypes, value range, chunking and attributes), so that downstream projects read real and synthetic
@@ -24,7 +24,6 @@ What it decides, and why:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 from collections.abc import Iterator, Sequence
@@ -308,36 +307,3 @@ def _write(checkpoint: Checkpoint, out: Path, num: int, seed: int, batch_size: i
         report.grid = save_grid(np.concatenate(shown), grid)
     report.seconds = time.perf_counter() - started
     return report
-
-
-# ---------------------------------------------------------------- the command
-
-
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="RUN", help="training run folder (brats-gan train --out)")
-    p.add_argument("--out", required=True, metavar="STORE", help="synthetic store to write, e.g. synthetic.zarr")
-    p.add_argument("--num", type=int, default=100, help="images to generate (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0); same seed, same images")
-    p.add_argument("--which", choices=("latest", "best"), default="latest",
-                   help="checkpoint: the newest complete one (latest, default) or the one with the lowest SWD "
-                        "measured during training (best)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (overrides --which)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
-                   help=f"images per forward pass (default {DEFAULT_BATCH}); changes speed and memory, not images")
-    p.add_argument("--grid", metavar="PNG", default=None, help=f"also draw the first {GRID_MAX} images as a PNG grid")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing synthetic store")
-    p.add_argument("--channels", nargs="+", metavar="NAME", default=None,
-                   help="modality names of the training data, when its store is gone and the run did not "
-                        "name them (default: from the run)")
-
-
-def run(args: argparse.Namespace) -> int:
-    report = generate(args.checkpoint, args.out, args.num, seed=args.seed, step=args.step, which=args.which,
-                      batch_size=args.batch_size, grid=args.grid, overwrite=args.overwrite, channels=args.channels)
-    ck = report.checkpoint
-    print(f"{report.out}: {report.num} synthetic slices {'x'.join(map(str, report.shape[1:]))} "
-          f"({', '.join(ck.channels)}) from {ck.run} step {ck.step} ({ck.preset}), seed {report.seed}, "
-          f"on {report.device}, {report.seconds:.1f} s")
-    if report.grid is not None:
-        print(f"grid of the first {min(report.num, GRID_MAX)}: {report.grid}")
-    return 0

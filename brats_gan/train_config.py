@@ -5,7 +5,6 @@ any rank joins the process group or writes a file. Every refusal names the flag 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import difflib
@@ -16,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from brats_gan.augment import POLICIES as AUGMENT_POLICIES
 from brats_gan.augment import parse_policy
 from brats_gan.checkpoints import (
     CHECKPOINTS,
@@ -30,7 +28,7 @@ from brats_gan.checkpoints import (
 )
 from brats_gan.data import DEFAULT_RUN_LENGTH, DEFAULT_WINDOW_BATCHES
 from brats_gan.errors import UserError
-from brats_gan.models import RESIZE_MODES, UPSAMPLES, ModelConfig, get_config
+from brats_gan.models import ModelConfig, get_config
 
 log = logging.getLogger(__name__)
 
@@ -155,75 +153,6 @@ RESUMABLE_CHANGES = {("training", "steps"), ("checkpoint", "every"), ("checkpoin
                      ("checkpoint", "sample_every"), ("checkpoint", "samples"), ("data", "num_workers"),
                      ("checkpoint", "swd_images"), ("checkpoint", "on_signal"), ("data", "verify"),
                      ("data", "store"), ("data", "cache")}
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Options of ``brats-gan train`` and ``python -m brats_gan.train``; defaults live in the dataclasses."""
-    d, t, c = DataConfig(store=""), TrainingConfig(), CheckpointConfig(out="")
-    run = parser.add_argument_group("run")
-    run.add_argument("--store", help="complete slice store (Zarr) to train on")
-    run.add_argument("--out", required=True, help="run folder; must not exist unless --resume")
-    run.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
-                     help="continue RUN from RUN/checkpoints/latest; `--resume auto`: continue when RUN has a "
-                          "checkpoint, start when it does not exist, move a run folder with no checkpoint aside "
-                          "and start again (one command for a first start, a requeue and a resubmission)")
-    run.add_argument("--preset", help=f"model preset (default {t.preset}; see `brats-gan models`)")
-    run.add_argument("--steps", type=int, help=f"generator steps to reach in total (default {t.steps})")
-    run.add_argument("--seed", type=int, help=f"seed of weights, noise and data order (default {t.seed})")
-    run.add_argument("--upsample", choices=UPSAMPLES,
-                     help="the generator's upsampling: transposed 4x4 convolutions (the poster's grid effect) or "
-                          "resize then 3x3 convolution (Odena et al. 2016) (default: the preset's)")
-    run.add_argument("--resize-mode", choices=RESIZE_MODES,
-                     help="interpolation of --upsample resize (default: the preset's, nearest)")
-    run.add_argument("--deepspeed-config", metavar="JSON",
-                     help="DeepSpeed config for both engines (default: the paper's recipe; the tiny presets "
-                          "use deepspeed_configs/tiny.json's micro-batch of 4)")
-    loss = parser.add_argument_group("loss")
-    loss.add_argument("--loss", choices=LOSSES, help=f"default {t.loss}")
-    loss.add_argument("--n-critic", type=int, help=f"critic steps per generator step (default {t.n_critic})")
-    loss.add_argument("--gp-lambda", type=float, help=f"gradient-penalty weight (default {t.gp_lambda})")
-    loss.add_argument("--clip-value", type=float, help=f"wgan-clip weight bound (default {t.clip_value})")
-    loss.add_argument("--augment", metavar="POLICIES",
-                      help="DiffAugment of the critic's real and fake inputs: comma-separated "
-                           f"{','.join(AUGMENT_POLICIES)}, or all, or none (the poster's recipe) (default "
-                           f"{','.join(t.augment)}: on 384 phantom slices it lowered the SWD by 9-44%%, but leaves a faint 4 px grid)")
-    loss.add_argument("--augment-p", type=float, metavar="P",
-                      help=f"probability of each policy per image (default {t.augment_p}, DiffAugment's; 0.5 kept "
-                           "the SWD gain with a fainter grid on the phantoms)")
-    data = parser.add_argument_group("data")
-    data.add_argument("--channels", nargs="+", metavar="NAME",
-                      help="one stored channel (repeated to 3) or three (default: the store's only one or three)")
-    data.add_argument("--cache", choices=("auto", "memory", "stream"),
-                      help=f"keep the store in memory (auto: if <= 256 MiB) (default {d.cache})")
-    data.add_argument("--no-verify-store", dest="verify_store", action="store_false", default=None,
-                      help="skip the check of every shard at start (present, finite, in range, checksums): "
-                           "for a store just verified with `brats-gan info --verify`")
-    data.add_argument("--num-workers", type=int, help="loader processes per rank (default: cores per rank - 1, <= 4)")
-    data.add_argument("--run-length", type=int, help=f"samples per contiguous read (default {d.run_length})")
-    data.add_argument("--window-batches", type=int,
-                      help=f"micro-batches shuffled together per window (default {d.window_batches})")
-    ck = parser.add_argument_group("checkpoints and watching")
-    ck.add_argument("--checkpoint-every", type=int, help=f"steps between checkpoints (default {c.every})")
-    ck.add_argument("--keep-checkpoints", type=int, help=f"complete checkpoints kept (default {c.keep})")
-    ck.add_argument("--sample-every", type=int, help="steps between sample grids (default: --checkpoint-every; 0: none)")
-    ck.add_argument("--samples", type=int, help=f"images in the sample grid (default {c.samples})")
-    ck.add_argument("--swd-images", type=int,
-                    help=f"generated and real images whose SWD is measured at each checkpoint, to the CSV, "
-                         f"TensorBoard and the `best` pointer (default {c.swd_images}; 0: none)")
-    ck.add_argument("--checkpoint-on-signal", action="store_true", default=None,
-                    help="on SIGTERM, SIGINT or SIGUSR1, checkpoint the step at which the run stops; without it "
-                         "the run stops at that step boundary and keeps its last checkpoint (launch/train_slurm.sh: "
-                         "--signal=B:USR1@300 requeues the job, whose SIGTERM then saves the step)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-
-
-def _given(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
-    given = {}
-    for flag, key in FLAGS.items():
-        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
-        if value is not None:
-            given[key] = tuple(value) if isinstance(value, list) else value
-    return given
 
 
 def _flag(key: tuple[str, str]) -> str:
@@ -360,9 +289,10 @@ def _check_precision(config: dict[str, Any], where: str) -> None:
                               f"support {dtype} training; use {instead} or fp32 (deepspeed_configs/paper.json)")
 
 
-def build_options(args: argparse.Namespace, world_size: int) -> Options:
-    """Options from the CLI (new run) or from ``RUN/training_options.json`` plus allowed changes (resume)."""
-    given = _given(args)
+def build_options(given: dict[tuple[str, str], Any], out: str | Path, resume: bool, world_size: int) -> Options:
+    """Options for a new run from what the user set (``given``, keyed by :data:`FLAGS`' (section, field)), or
+    for a resume from ``RUN/training_options.json`` plus the changes a resume allows."""
+    given = dict(given)
     if ("training", "augment") in given:
         try:
             given[("training", "augment")] = parse_policy(given[("training", "augment")])
@@ -370,10 +300,10 @@ def build_options(args: argparse.Namespace, world_size: int) -> Options:
             raise ConfigError(f"--augment: {err}") from None
     if ("data", "store") in given:  # recorded absolute: generate and resumes may run from another folder
         given[("data", "store")] = str(Path(given[("data", "store")]).absolute())
-    out = Path(args.out)
+    out = Path(out)
     given[("checkpoint", "out")] = str(out)
-    given[("checkpoint", "resume")] = bool(args.resume)
-    if args.resume:
+    given[("checkpoint", "resume")] = bool(resume)
+    if resume:
         try:
             saved = read_options(out)
         except RunFolderError as err:
@@ -415,20 +345,18 @@ def build_options(args: argparse.Namespace, world_size: int) -> Options:
     return options
 
 
-def resolve_resume_auto(args: argparse.Namespace) -> bool:
-    """Turn ``--resume auto`` into a plain resume or a fresh start (``checkpoints.resume_plan``); True when the
-    existing folder is to be moved aside first (rank 0 does it once the process group is up, so that every
-    rank decided on the same folder)."""
-    if args.resume != "auto":
-        args.resume = bool(args.resume)
-        return False
-    plan = resume_plan(args.out)
+def resolve_resume_auto(out: str | Path, resume: bool | str, has_store: bool) -> tuple[bool, bool]:
+    """``--resume auto`` as a plain resume or a fresh start (``checkpoints.resume_plan``): (resume, move aside),
+    the second True when the existing folder is to be moved aside first (rank 0 does it once the process
+    group is up, so that every rank decided on the same folder)."""
+    if resume != "auto":
+        return bool(resume), False
+    plan = resume_plan(out)
     if plan == "refuse":
-        raise ConfigError(f"--resume auto: --out {args.out} exists and is not a training run folder; choose another")
-    args.resume = plan == "resume"
-    if not args.resume and getattr(args, "store", None) is None:
-        raise ConfigError(f"--resume auto: {args.out} holds no checkpoint to resume, and a new run needs --store")
-    return plan == "move-aside"
+        raise ConfigError(f"--resume auto: --out {out} exists and is not a training run folder; choose another")
+    if plan != "resume" and not has_store:
+        raise ConfigError(f"--resume auto: {out} holds no checkpoint to resume, and a new run needs --store")
+    return plan == "resume", plan == "move-aside"
 
 
 def check_run_folder(options: Options, world_size: int, moving_aside: bool = False) -> int | None:

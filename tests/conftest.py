@@ -39,7 +39,7 @@ def cli(*args: str | Path) -> list[str]:
 
 HEAVY_MODULES = ("torch", "deepspeed")
 # `brats-gan ARGS`, then a last stdout line naming which of HEAVY_MODULES the command imported.
-_WATCHING_IMPORTS = ("import json, sys\nfrom brats_gan.cli import main\nrc = main(sys.argv[1:])\n"
+_WATCHING_IMPORTS = ("import json, sys\nfrom brats_gan.commands import main\nrc = main(sys.argv[1:])\n"
                      f"print('imported:', json.dumps([m for m in {HEAVY_MODULES!r} if m in sys.modules]))\n"
                      "sys.exit(rc)")
 

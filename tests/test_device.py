@@ -72,7 +72,7 @@ PRECISIONS = {  # fp32 streams through loader workers (pinned from their shared 
 }
 LIMITED_MEMORY = ("import sys, torch\n"  # a GPU with 1 GiB free: the paper's 35.5 M parameters and Adam fit, a batch of 64 not
                   "torch.cuda.set_per_process_memory_fraction(2**30 / torch.cuda.get_device_properties(0).total_memory)\n"
-                  "from brats_gan.cli import main\nsys.exit(main(sys.argv[1:]))")
+                  "from brats_gan.commands import main\nsys.exit(main(sys.argv[1:]))")
 
 
 @pytest.fixture(scope="module")

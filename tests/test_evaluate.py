@@ -14,7 +14,7 @@ from conftest import run_cli
 from store_factory import phantoms, write_store
 
 from brats_gan import metrics as M
-from brats_gan.cli import main
+from brats_gan.commands import main
 from brats_gan.models import build_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -23,7 +23,7 @@ from PIL import Image
 from store_factory import read_without_brats_gan
 
 from brats_gan.checkpoints import model_states_path, read_latest
-from brats_gan.cli import main as cli_main
+from brats_gan.commands import main as cli_main
 from brats_gan.discover import discover_subjects
 from brats_gan.generate import find_checkpoint
 from brats_gan.preprocess import PreprocessConfig, run_preprocess

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from brats_gan.cli import main as cli_main
+from brats_gan.commands import main as cli_main
 from brats_gan.models import (
     PRESETS,
     ModelConfig,

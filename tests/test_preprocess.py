@@ -119,7 +119,7 @@ def test_existing_store_is_never_overwritten_and_other_parameters_are_refused(tm
 
 
 def test_overwrite_and_resume_never_touch_what_brats_gan_did_not_write(tmp_path, phantoms_2020, capsys):
-    from brats_gan.cli import main as cli_main
+    from brats_gan.commands import main as cli_main
 
     data = copy_dataset(phantoms_2020, tmp_path / "data" / phantoms_2020.name)
     thesis = tmp_path / "thesis"

@@ -39,7 +39,7 @@ from training_runs import (
 
 from brats_gan import schema
 from brats_gan.checkpoints import read_latest
-from brats_gan.cli import main as cli_main
+from brats_gan.commands import main as cli_main
 from brats_gan.data import Position, SliceStream, iterate_batches
 from brats_gan.train_config import DEFAULT_DEEPSPEED, load_deepspeed_config
 

@@ -1,14 +1,7 @@
 """Train the WGAN of the poster with two DeepSpeed data-parallel engines, streaming from the slice store.
 
-On every rank, under the DeepSpeed launcher (one process per GPU, or per CPU slot with gloo)::
-
-    deepspeed --num_gpus N --module brats_gan.train --store S.zarr --out RUN --preset paper \\
-        --steps N --checkpoint-every K [--resume] [--deepspeed-config F] [--seed S]
-
-or in one process without the launcher: ``brats-gan train ...`` / ``python -m brats_gan.train ...``.
-
-Reading order: :class:`Trainer` (engines, the loop, checkpoints, watching), then :func:`run`, which glues
-it to the options (:mod:`brats_gan.train_config`: everything that can be refused is refused there, on
+Reading order: :class:`Trainer` (engines, the loop, checkpoints, watching), then :func:`run_training`, which
+glues it to the options (:mod:`brats_gan.train_config`: everything that can be refused is refused there, on
 every rank, before any rank initialises the process group or writes a file), the process group
 (:mod:`brats_gan.distributed`) and the run folder (:mod:`brats_gan.checkpoints`). The phases of a step
 (critic step, gradient penalty, generator step) are :class:`brats_gan.loss.WGANLoss`.
@@ -22,7 +15,6 @@ A "step" is one generator update (with its ``n_critic`` critic updates); ``--ste
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -61,17 +53,15 @@ from brats_gan.checkpoints import (
 from brats_gan.data import Position, SliceStream, default_num_workers, iterate_batches
 from brats_gan.distributed import (
     DistEnv,
-    configure_logging,
     init_distributed,
     shutdown_distributed,
 )
-from brats_gan.errors import UserError, one_line
 from brats_gan.images import save_grid
 from brats_gan.loss import WGANLoss
 from brats_gan.metrics_log import MetricsLog
 from brats_gan.models import build_models
 from brats_gan.rng import rng_state, seed_rank, set_rng_state
-from brats_gan.stopping import Stopped, StopRequest, stop_on_sigterm
+from brats_gan.stopping import StopRequest
 from brats_gan.train_config import (
     MONITORS,
     ConfigError,
@@ -79,16 +69,10 @@ from brats_gan.train_config import (
     TrainingConfig,
     build_options,
     check_run_folder,
-    configure_parser,
     resolve_resume_auto,
 )
 
 log = logging.getLogger(__name__)
-
-EXIT_DIVERGED = 3
-EXIT_OUT_OF_MEMORY = 4
-EXIT_UNSAVED = 5
-
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss: the run stops and keeps its last good checkpoint."""
@@ -96,6 +80,10 @@ class TrainingDiverged(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (a full disk, a quota): the run stops and keeps the previous one."""
+
+
+class DeviceOutOfMemory(RuntimeError):
+    """The device ran out of memory; the message names the micro-batch that did not fit and the knob."""
 
 
 # ==================================================================================== the trainer
@@ -411,15 +399,17 @@ def _versions() -> dict[str, str]:
     return {"brats_gan": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__}
 
 
-# ==================================================================================== entry points
+# ==================================================================================== one run
 
 
-def run(args: argparse.Namespace) -> int:
-    """Validate everything on every rank, then join the process group and train."""
-    env = DistEnv.from_environ(getattr(args, "local_rank", None))
-    configure_logging(env, bool(getattr(args, "verbose", False)))
-    moving_aside = resolve_resume_auto(args)
-    options = build_options(args, env.world_size)
+def run_training(given: dict[tuple[str, str], Any], out: str, resume: bool | str, env: DistEnv) -> Trainer:
+    """Validate everything on every rank, then join the process group, train and leave it; the Trainer as it
+    ended (finished, or stopped by a signal: ``stopped_by``). ``given`` holds the options set by the user,
+    keyed by ``train_config.FLAGS``' (section, field); ``resume`` is False, True or "auto". Raises
+    ``ConfigError`` before any rank writes anything, then ``TrainingDiverged``, ``CheckpointError`` or
+    ``DeviceOutOfMemory``."""
+    resume, moving_aside = resolve_resume_auto(out, resume, ("data", "store") in given)
+    options = build_options(given, out, resume, env.world_size)
     resume_step = check_run_folder(options, env.world_size, moving_aside)
     try:
         stream = SliceStream(
@@ -444,25 +434,15 @@ def run(args: argparse.Namespace) -> int:
         with run_folder_lock(options.checkpoint.out, env), StopRequest() as stop:
             trainer = Trainer(options, env, device, stream, resume_step, stop)
             trainer.fit()
-    except TrainingDiverged as err:
-        log.error("%s", err)
-        return EXIT_DIVERGED
-    except CheckpointError as err:
-        log.error("%s", err)
-        return EXIT_UNSAVED
+    except (TrainingDiverged, CheckpointError):
+        raise
     except RuntimeError as err:  # torch.OutOfMemoryError, and cuBLAS/cuDNN allocation failures
         if not is_out_of_memory(err):
             raise
-        log.error("%s", out_of_memory_message(err, device, options.training.micro_batch))
-        return EXIT_OUT_OF_MEMORY
+        raise DeviceOutOfMemory(out_of_memory_message(err, device, options.training.micro_batch)) from err
     finally:
         shutdown_distributed(env)
-    if trainer.stopped_by is not None:
-        if trainer.is_main:
-            log.warning("%s", stopped_message(trainer))
-        return 128 + trainer.stopped_by
-    log.info("done: %s at step %d", options.checkpoint.out, trainer.step)
-    return 0
+    return trainer
 
 
 def stopped_message(trainer: Trainer) -> str:
@@ -525,36 +505,3 @@ def out_of_memory_message(err: BaseException, device: str, micro_batch: int) -> 
     smaller = f" (e.g. {micro_batch // 2})" if micro_batch >= 4 else ""
     return (f"out of memory on {device} with a micro-batch of {micro_batch} per rank ({first}); lower "
             f"train_micro_batch_size_per_gpu in --deepspeed-config{smaller}, or use more ranks")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m brats_gan.train`` (what the DeepSpeed launcher runs on every rank)."""
-    parser = argparse.ArgumentParser(prog="python -m brats_gan.train", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    configure_parser(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        with stop_on_sigterm():
-            return run(args)
-    except UserError as err:
-        rank = os.environ.get("RANK")
-        where = f" [rank {rank}]" if rank not in (None, "0") else ""
-        print(f"brats_gan.train{where}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:  # Ctrl-C twice, or SIGTERM before training started (stopping.Stopped)
-        print(f"brats_gan.train: {'stopped by ' + str(err) if isinstance(err, Stopped) else 'interrupted'}",
-              file=sys.stderr)
-        return getattr(err, "exit_status", 130)
-    except Exception as err:
-        if args.verbose:
-            raise
-        rank = os.environ.get("RANK")
-        where = f" [rank {rank}]" if rank not in (None, "0") else ""
-        print(f"brats_gan.train{where}: error: {one_line(err)}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

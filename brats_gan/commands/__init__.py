@@ -1,7 +1,10 @@
-"""`brats-gan` / `python -m brats_gan`: one subcommand per stage.
+"""The command-line layer: `brats-gan` / `python -m brats_gan`, one module per subcommand.
 
-Each subcommand lives in its own module exposing ``configure_parser(parser)`` and ``run(args) -> int``;
-modules are imported only when their subcommand runs, so `brats-gan preprocess` never imports torch.
+Each module in this package exposes ``configure_parser(parser)`` and ``run(args) -> int``; it is the only
+code that parses arguments, prints for people and turns the library's exceptions (``brats_gan.errors``)
+into exit statuses. The library never imports this package. Modules are imported only when their
+subcommand runs, so `brats-gan preprocess` never imports torch. ``python -m brats_gan.train`` (what the
+DeepSpeed launcher runs on every rank) is :func:`brats_gan.commands.train.main`.
 """
 
 from __future__ import annotations
@@ -14,16 +17,16 @@ import sys
 from brats_gan.errors import UserError, one_line
 from brats_gan.stopping import stop_on_sigterm
 
-# name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "preprocess": ("brats_gan.preprocess_cli", "slice and normalise a BraTS folder into a Zarr store (Dask)"),
-    "info": ("brats_gan.preprocess_cli", "print a store's schema, counts and parameters"),
-    "preview": ("brats_gan.preview", "draw a contact sheet PNG of stored slices"),
-    "demo": ("brats_gan.demo", "write brain phantoms in a BraTS layout and run the pipeline on them"),
-    "models": ("brats_gan.models_cli", "print the generator and critic of a preset as tables"),
-    "train": ("brats_gan.train", "train the WGAN in one process (use the deepspeed launcher for several)"),
-    "generate": ("brats_gan.generate", "write synthetic slices from a checkpoint into a store"),
-    "evaluate": ("brats_gan.evaluate", "compare synthetic with real slices: SWD, FID/KID, memorisation, grid, diversity"),
+# subcommand (and module of this package) -> one-line help
+COMMANDS: dict[str, str] = {
+    "preprocess": "slice and normalise a BraTS folder into a Zarr store (Dask)",
+    "info": "print a store's schema, counts and parameters",
+    "preview": "draw a contact sheet PNG of stored slices",
+    "demo": "write brain phantoms in a BraTS layout and run the pipeline on them",
+    "models": "print the generator and critic of a preset as tables",
+    "train": "train the WGAN in one process (use the deepspeed launcher for several)",
+    "generate": "write synthetic slices from a checkpoint into a store",
+    "evaluate": "compare synthetic with real slices: SWD, FID/KID, memorisation, grid, diversity",
 }
 
 
@@ -31,17 +34,18 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """All subcommands with their help; only the one named in ``argv`` imports its module for options."""
     from brats_gan import __version__
 
-    parser = argparse.ArgumentParser(prog="brats-gan", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="brats-gan",
+                                     description="`brats-gan` / `python -m brats_gan`: one subcommand per stage.")
     parser.add_argument("--version", action="version", version=f"brats_gan {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if a in COMMANDS), None)
-    for name, (module, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
-            mod = importlib.import_module(module)
-            (getattr(mod, f"configure_{name}_parser", None) or mod.configure_parser)(p)
-            p.set_defaults(_run=getattr(mod, f"run_{name}", None) or mod.run)
+            module = importlib.import_module(f"{__name__}.{name}")
+            module.configure_parser(p)
+            p.set_defaults(_run=module.run)
     return parser
 
 

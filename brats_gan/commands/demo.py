@@ -40,7 +40,7 @@ def train_tiny(store: Path, run: Path, steps: int, seed: int, verbose: bool) -> 
     """
     import torch
 
-    from brats_gan import train
+    from brats_gan.commands import train
 
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = "1"
