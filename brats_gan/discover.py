@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MODALITIES = ("flair", "t1", "t1ce", "t2", "seg")
-ALIASES = {"t2f": "flair", "t1c": "t1ce", "t1n": "t1", "t2w": "t2", "flair": "flair", "t1": "t1",
-           "t1ce": "t1ce", "t2": "t2", "seg": "seg"}
+#: BraTS releases whose naming :func:`subject_id` and :func:`modality_filename` spell (all are read).
+LAYOUTS = ("2020", "2021", "2023")
+# BraTS 2023 renamed the files: t2f = FLAIR, t1n = native T1, t1c = contrast-enhanced T1, t2w = T2.
+NAMES_2023 = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w", "seg": "seg"}
+ALIASES = {**{m: m for m in MODALITIES}, **{new: old for old, new in NAMES_2023.items()}}
 _FILE = re.compile(r"^(?P<subject>.+?)[_-](?P<modality>" + "|".join(sorted(ALIASES, key=len, reverse=True))
                    + r")\.nii(?:\.gz)?$", re.IGNORECASE)
 _NUMBER = re.compile(r"(\d+)(?:-\d{3})?$")
@@ -38,6 +41,35 @@ class Subject:
         """The case number users quote ("001 to 015"): 2020's 001, 2021's 00000, 2023's 00001 of -000."""
         match = _NUMBER.search(self.id)
         return int(match.group(1)) if match else None
+
+
+def subject_id(layout: str, number: int) -> str:
+    """The subject folder name BraTS uses in ``layout`` (what :func:`discover_subjects` finds)."""
+    check_layout(layout)
+    number = int(number)
+    if number < (1 if layout == "2020" else 0):
+        raise ValueError(f"subject number {number} is not valid for the BraTS {layout} layout")
+    if layout == "2020":
+        return f"BraTS20_Training_{number:03d}"
+    if layout == "2021":
+        return f"BraTS2021_{number:05d}"
+    return f"BraTS-GLI-{number:05d}-000"
+
+
+def modality_filename(layout: str, subject: str, modality: str, gz: bool = True) -> str:
+    """File name of one modality (canonical name, or "seg") of ``subject`` as BraTS ``layout`` spells it."""
+    check_layout(layout)
+    if modality not in NAMES_2023:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+    ext = ".nii.gz" if gz else ".nii"
+    if layout == "2023":
+        return f"{subject}-{NAMES_2023[modality]}{ext}"
+    return f"{subject}_{modality}{ext}"
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown BraTS layout {layout!r}; expected one of {LAYOUTS}")
 
 
 def canonical_modality(name: str) -> str:

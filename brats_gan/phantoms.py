@@ -28,6 +28,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from brats_gan.discover import LAYOUTS, check_layout, modality_filename, subject_id
+
 try:  # a declared dependency; plain nibabel gzip still works without it, only slower
     from isal import igzip as _igzip
 except ImportError:  # pragma: no cover
@@ -45,13 +47,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: BraTS releases whose folder/file naming `write_phantom_dataset` can reproduce.
-LAYOUTS = ("2020", "2021", "2023")
 #: Canonical modality names used throughout brats_gan (BraTS 2020/2021 spelling), plus "seg".
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 _SEG = "seg"
-# BraTS 2023 renamed the files: t2f = FLAIR, t1n = native T1, t1c = contrast-enhanced T1, t2w = T2.
-_NAMES_2023 = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w", "seg": "seg"}
 
 # Mean intensity per tissue and modality, calibrated against BraTS-GLI-00001-000 (BraTS 2023):
 # brain-voxel medians there are t1n ~970, t2f ~1010, t1c ~2970, t2w ~570, with CSF the dark tail
@@ -64,30 +62,6 @@ _TISSUE_MEANS = {
     "t2": (470.0, 640.0, 2100.0, 1350.0, 1000.0, 1900.0),
 }
 _MIN_SIDE = 16  # below this the cortex, ventricles and tumour no longer fit in the grid
-
-
-def subject_id(layout: str, number: int) -> str:
-    """The subject folder name BraTS uses in ``layout``, so readers can rely on real naming."""
-    _check_layout(layout)
-    number = int(number)
-    if number < (1 if layout == "2020" else 0):
-        raise ValueError(f"subject number {number} is not valid for the BraTS {layout} layout")
-    if layout == "2020":
-        return f"BraTS20_Training_{number:03d}"
-    if layout == "2021":
-        return f"BraTS2021_{number:05d}"
-    return f"BraTS-GLI-{number:05d}-000"
-
-
-def modality_filename(layout: str, subject: str, modality: str, gz: bool = True) -> str:
-    """File name of one modality (canonical name, or "seg") of ``subject`` as BraTS ``layout`` spells it."""
-    _check_layout(layout)
-    if modality not in _NAMES_2023:
-        raise ValueError(f"unknown modality {modality!r}; expected one of {(*MODALITIES, _SEG)}")
-    ext = ".nii.gz" if gz else ".nii"
-    if layout == "2023":
-        return f"{subject}-{_NAMES_2023[modality]}{ext}"
-    return f"{subject}_{modality}{ext}"
 
 
 def phantom_affine(shape: Sequence[int] = (240, 240, 155)) -> np.ndarray:
@@ -141,7 +115,7 @@ def write_phantom_dataset(
     always writes identical data, whatever ``n_subjects``, ``start`` or ``modalities`` are.
     Existing files of the same name are overwritten.
     """
-    _check_layout(layout)
+    check_layout(layout)
     shape = _check_shape(shape)
     if n_subjects < 0:
         raise ValueError(f"n_subjects must be >= 0, got {n_subjects}")
@@ -477,11 +451,6 @@ def _modalities(
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def _check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown BraTS layout {layout!r}; expected one of {LAYOUTS}")
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:

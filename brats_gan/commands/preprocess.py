@@ -10,6 +10,8 @@ from brats_gan.errors import UserError
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
+    from brats_gan.transforms import SLICE_POLICIES
+
     p.add_argument("input", help="BraTS dataset folder (holding subject folders), or the folder above it")
     p.add_argument("--out", required=True, metavar="STORE", help="Zarr store to write, e.g. brats.zarr")
     p.add_argument("--modalities", default="flair",
@@ -17,7 +19,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subjects", metavar="SPEC",
                    help="subjects to take: IDs and/or case numbers and ranges, e.g. 001-015 (the poster's)")
     p.add_argument("--slices", type=int, default=48, help="axial slices per subject (default 48, as in the poster)")
-    p.add_argument("--slice-policy", choices=["brain", "tumour", "range"], default="brain",
+    p.add_argument("--slice-policy", choices=SLICE_POLICIES, default="brain",
                    help="brain: centred on the largest brain cross-section (default); tumour: the window "
                         "with the most tumour (needs seg); range: --slice-range")
     p.add_argument("--slice-range", metavar="START:STOP", help="explicit axial index range, e.g. 50:98")

@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from brats_gan.augment import POLICIES as AUGMENT_POLICIES
+from brats_gan.data import CACHE_MODES
 from brats_gan.errors import UserError, one_line
 from brats_gan.models import RESIZE_MODES, UPSAMPLES
 from brats_gan.stopping import Stopped, stop_on_sigterm
@@ -33,6 +34,7 @@ from brats_gan.train_config import (
 
 log = logging.getLogger("brats_gan.train")
 
+DESCRIPTION = "Train the WGAN of the poster with two DeepSpeed data-parallel engines, streaming from the slice store."
 EXIT_DIVERGED = 3
 EXIT_OUT_OF_MEMORY = 4
 EXIT_UNSAVED = 5
@@ -74,7 +76,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--channels", nargs="+", metavar="NAME",
                       help="one stored channel (repeated to 3) or three (default: the store's only one or three)")
-    data.add_argument("--cache", choices=("auto", "memory", "stream"),
+    data.add_argument("--cache", choices=CACHE_MODES,
                       help=f"keep the store in memory (auto: if <= 256 MiB) (default {d.cache})")
     data.add_argument("--no-verify-store", dest="verify_store", action="store_false", default=None,
                       help="skip the check of every shard at start (present, finite, in range, checksums): "
@@ -143,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m brats_gan.train``: errors as one line prefixed with the rank that hit them (rank 0 bare)."""
-    parser = argparse.ArgumentParser(prog="python -m brats_gan.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m brats_gan.train", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     configure_parser(parser)
     args = parser.parse_args(argv)
