@@ -1,7 +1,8 @@
 """A training run's folder: where checkpoints live and the ``latest``/``best`` pointers that name them.
 
 ``RUN/training_options.json`` (every option, the network and versions), ``RUN/checkpoints/<step>/``
-(one folder per checkpoint: each engine's DeepSpeed tag, every rank's RNG state, and
+(one folder per checkpoint: each engine's DeepSpeed tag, the averaged generator
+``generator_ema.pt`` (``brats_gan.ema``; absent with ``--ema-images 0``), every rank's RNG state, and
 ``trainer_state.json``, written last, so its presence marks the checkpoint complete), and the pointer
 files ``checkpoints/latest`` and ``checkpoints/best`` (the lowest SWD measured), each holding a step and
 replaced atomically. Shared by training, resuming and `brats-gan generate` (which must not need DeepSpeed).
@@ -23,6 +24,8 @@ OPTIONS_FILE = "training_options.json"
 TRAINER_STATE = "trainer_state.json"
 ENGINES = ("generator", "critic")
 MODEL_STATES = "mp_rank_00_model_states.pt"
+EMA_WEIGHTS = "generator_ema.pt"
+WEIGHTS = ("ema", "raw")  # which generator `generate` samples: the averaged one, or the trained one
 
 
 class RunFolderError(ValueError):
@@ -96,6 +99,18 @@ def model_states_path(run: str | Path, step: int, engine: str = "generator") -> 
     return Path(run) / CHECKPOINTS / str(step) / engine / MODEL_STATES
 
 
+def ema_weights_path(run: str | Path, step: int) -> Path:
+    """The averaged generator of checkpoint ``step``: a plain state dict under ``module``, like DeepSpeed's."""
+    return Path(run) / CHECKPOINTS / str(step) / EMA_WEIGHTS
+
+
+def generator_weights_path(run: str | Path, step: int, weights: str = "ema") -> Path:
+    """The generator weights ``generate`` loads: the averaged (``ema``) or the trained (``raw``) ones."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    return ema_weights_path(run, step) if weights == "ema" else model_states_path(run, step)
+
+
 def checkpoint_problems(run: str | Path, step: int) -> list[str]:
     """Why checkpoint ``step`` cannot be loaded; empty when it can. Every part must be there, and every
     file torch wrote (a zip archive) must pass its CRC check: a copy or a disk cut short shows here,
@@ -104,13 +119,17 @@ def checkpoint_problems(run: str | Path, step: int) -> list[str]:
     if not folder.is_dir():
         return ["its folder is gone"]
     try:
-        world = int(json.loads((folder / TRAINER_STATE).read_text())["world_size"])
+        state = json.loads((folder / TRAINER_STATE).read_text())
+        world = int(state["world_size"])
     except FileNotFoundError:
         return [f"{TRAINER_STATE} is missing (the checkpoint was never finished)"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         return [f"{TRAINER_STATE} is unreadable ({err})"]
     problems = []
-    for path in [model_states_path(run, step, e) for e in ENGINES] + [folder / f"rng_rank{r}.pt" for r in range(world)]:
+    paths = [model_states_path(run, step, e) for e in ENGINES] + [folder / f"rng_rank{r}.pt" for r in range(world)]
+    if state.get("ema"):
+        paths.append(ema_weights_path(run, step))
+    for path in paths:
         name = path.relative_to(folder)
         try:
             with zipfile.ZipFile(path) as archive:

@@ -6,10 +6,12 @@ slices with one reader and tell them apart by the ``synthetic`` attribute alone.
 
 What it decides, and why:
 
-- **Weights**: the generator's DeepSpeed ``mp_rank_00_model_states.pt`` holds a plain state dict
-  under ``"module"``; it is read with ``torch.load(weights_only=True)`` into a
-  :class:`~brats_gan.models.Generator` rebuilt from the run's saved ``ModelConfig``. DeepSpeed is
-  never imported, so generating needs neither a process group nor DeepSpeed's start-up.
+- **Weights**: by default the averaged generator (``generator_ema.pt``, :mod:`brats_gan.ema`), which
+  draws cleaner images than the trained weights of the same step; ``weights="raw"`` takes the
+  trained ones (DeepSpeed's ``mp_rank_00_model_states.pt``). Both hold a plain state dict under
+  ``"module"``, read with ``torch.load(weights_only=True)`` into a :class:`~brats_gan.models.Generator`
+  rebuilt from the run's saved ``ModelConfig``. DeepSpeed is never imported, so generating needs
+  neither a process group nor DeepSpeed's start-up.
 - **Channels**: the generator always draws 3 channels. A run trained on one stored modality
   repeated to 3 (the poster's way) gets that one modality back as the mean of the 3 outputs; a run
   trained on 3 modalities keeps them, named as in the training store. So a synthetic store has the
@@ -57,6 +59,7 @@ class Checkpoint:
     model: ModelConfig
     channels: tuple[str, ...]
     training_store: str | None
+    weights_kind: str = "raw"  # "ema": the averaged generator; "raw": the trained one
 
     @property
     def reduced(self) -> bool:
@@ -65,9 +68,9 @@ class Checkpoint:
 
     @property
     def weights(self) -> Path:
-        from brats_gan.checkpoints import model_states_path
+        from brats_gan.checkpoints import generator_weights_path
 
-        return model_states_path(self.run, self.step)
+        return generator_weights_path(self.run, self.step, self.weights_kind)
 
 
 @dataclass
@@ -85,17 +88,21 @@ class GenerateReport:
 # ---------------------------------------------------------------- the checkpoint
 
 
-def find_checkpoint(run: str | Path, step: int | None = None,
-                    channels: Sequence[str] | None = None, which: str = "latest") -> Checkpoint:
+def find_checkpoint(run: str | Path, step: int | None = None, channels: Sequence[str] | None = None,
+                    which: str = "latest", weights: str | None = None) -> Checkpoint:
     """The checkpoint to generate from (``step``, or the one ``checkpoints/<which>`` names: ``latest``
-    or ``best``, the lowest SWD measured during training), or a UserError naming what is missing."""
+    or ``best``, the lowest SWD measured during training), or a UserError naming what is missing.
+    ``weights``: ``ema`` (the averaged generator), ``raw`` (the trained one), or None: ``ema`` when the
+    checkpoint has one (runs with ``--ema-images 0``, or from before it existed, have not)."""
     from brats_gan.checkpoints import (
         CHECKPOINTS,
         LATEST,
         OPTIONS_FILE,
+        WEIGHTS,
         RunFolderError,
         checkpoint_problems,
         checkpoint_steps,
+        ema_weights_path,
         model_states_path,
         read_options,
         usable_checkpoint,
@@ -128,8 +135,18 @@ def find_checkpoint(run: str | Path, step: int | None = None,
         raise UserError(f"--step {step}: checkpoint {step} of {run} cannot be loaded: {'; '.join(problems)}")
     if not model_states_path(run, step).is_file():
         raise UserError(f"--checkpoint {run}: {model_states_path(run, step)} is missing")
+    if weights is not None and weights not in WEIGHTS:
+        raise UserError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    has_ema = ema_weights_path(run, step).is_file()
+    if weights == "ema" and not has_ema:
+        raise UserError(f"--weights ema: checkpoint {step} of {run} holds no averaged generator (trained with "
+                        "--ema-images 0, or before brats_gan kept one); use --weights raw")
+    kind = weights or ("ema" if has_ema else "raw")
+    if weights is None and not has_ema:
+        log.info("checkpoint %d holds no averaged generator: sampling the trained weights", step)
     data = options.get("data", {})
-    return Checkpoint(run, step, preset, model, training_channels(data, model.channels, channels), data.get("store"))
+    return Checkpoint(run, step, preset, model, training_channels(data, model.channels, channels), data.get("store"),
+                      kind)
 
 
 def training_channels(data: dict[str, Any], generated: int, override: Sequence[str] | None) -> tuple[str, ...]:
@@ -227,7 +244,8 @@ def check_out(out: Path, overwrite: bool, run: Path) -> None:
 
 def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step: int | None = None,
              batch_size: int = DEFAULT_BATCH, grid: str | Path | None = None, overwrite: bool = False,
-             channels: Sequence[str] | None = None, progress: bool = True, which: str = "latest") -> GenerateReport:
+             channels: Sequence[str] | None = None, progress: bool = True, which: str = "latest",
+             weights: str | None = None) -> GenerateReport:
     """Write ``num`` images of a run's checkpoint to the store ``out`` (and ``grid``); every refusal
     comes before anything is written."""
     import time
@@ -244,11 +262,12 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
     if seed < 0:
         raise UserError(f"--seed must be at least 0, got {seed}")
     out = Path(out)
-    checkpoint = find_checkpoint(run, step, channels, which)
+    checkpoint = find_checkpoint(run, step, channels, which, weights)
     check_out(out, overwrite, Path(run))  # before loading anything; again under the lock, which decides
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = load_generator(checkpoint, device)
-    log.info("generator of %s step %d (%s) on %s", checkpoint.run, checkpoint.step, checkpoint.preset, device)
+    log.info("%s generator of %s step %d (%s) on %s", "averaged" if checkpoint.weights_kind == "ema" else "trained",
+             checkpoint.run, checkpoint.step, checkpoint.preset, device)
 
     try:
         with locks.exclusive(out, "brats-gan generate"):
@@ -284,7 +303,7 @@ def _write(checkpoint: Checkpoint, out: Path, num: int, seed: int, batch_size: i
         "noise": f"standard normal, per shard of {SHARD} from SeedSequence([seed, shard])",
     }
     checkpoint_attr = {"run": str(checkpoint.run.resolve()), "step": checkpoint.step, "preset": checkpoint.preset,
-                       "training_store": checkpoint.training_store}
+                       "training_store": checkpoint.training_store, "weights": checkpoint.weights_kind}
     store_writer.write_skeleton(
         str(out), channels=checkpoint.channels, size=size, shard=SHARD, subject=synthetic_ids(checkpoint, seed, num),
         attrs=store_writer.new_attrs(params=params, synthetic=True, checkpoint=checkpoint_attr, seed=seed,

@@ -89,6 +89,8 @@ class TrainingConfig:
     clip_value: float = 0.01
     augment: tuple[str, ...] = ("translation", "cutout")  # DiffAugment (brats_gan.augment); () = none
     augment_p: float = 1.0  # each policy's probability per image
+    ema_images: int = 10_000  # half-life of the averaged generator (brats_gan.ema) in generated images; 0: none
+    ema_rampup: float = 0.05  # the half-life is at most this x the images generated so far; 0: no ramp-up
     upsample: str | None = None  # None: the preset's
     resize_mode: str | None = None  # None: the preset's
     deepspeed_config: str | None = None
@@ -138,7 +140,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--preset": ("training", "preset"), "--steps": ("training", "steps"), "--seed": ("training", "seed"),
     "--loss": ("training", "loss"), "--n-critic": ("training", "n_critic"),
     "--gp-lambda": ("training", "gp_lambda"), "--clip-value": ("training", "clip_value"),
-    "--augment": ("training", "augment"), "--augment-p": ("training", "augment_p"), "--upsample": ("training", "upsample"),
+    "--augment": ("training", "augment"), "--augment-p": ("training", "augment_p"),
+    "--ema-images": ("training", "ema_images"), "--ema-rampup": ("training", "ema_rampup"), "--upsample": ("training", "upsample"),
     "--resize-mode": ("training", "resize_mode"),
     "--deepspeed-config": ("training", "deepspeed_config"),
     "--out": ("checkpoint", "out"), "--checkpoint-every": ("checkpoint", "every"),
@@ -183,6 +186,8 @@ def validate(options: Options) -> None:
     checks.append((("training", "clip_value"), t.clip_value > 0, "> 0"))
     checks.append((("training", "augment_p"), isinstance(t.augment_p, (int, float)) and not isinstance(t.augment_p, bool)
                    and 0 < t.augment_p <= 1, "a number in (0, 1]"))
+    at_least(("training", "ema_images"), t.ema_images, 0)
+    at_least(("training", "ema_rampup"), float(t.ema_rampup), 0.0, float)
     checks.append((("training", "loss"), t.loss in LOSSES, f"one of {', '.join(LOSSES)}"))
     at_least(("checkpoint", "every"), c.every, 1)
     at_least(("checkpoint", "keep"), c.keep, 1)

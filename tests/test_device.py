@@ -110,9 +110,12 @@ def test_the_paper_preset_trains_resumes_generates_and_evaluates_on_the_gpu(pape
         for key in ("critic_loss", "generator_loss", "wasserstein", "gradient_penalty"):
             assert math.isfinite(float(row[key])), row
     assert all(math.isfinite(float(row["swd"])) for row in metric_rows(run) if int(row["step"]) in (2, 4))
-    weights = model_states(run, 4)["generator"]["module"]
+    states = model_states(run, 4)
+    weights = states["generator"]["module"]
     expected = torch.bfloat16 if precision == "bf16" else torch.float32
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {expected}
+    averaged = states["generator_ema"]["module"]  # kept in fp32 on the GPU whatever the training dtype
+    assert {t.dtype for t in averaged.values() if t.is_floating_point()} == {torch.float32}
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_0000002.png", "step_0000004.png"]
 
     on_gpu, on_cpu = tmp_path / "gpu.zarr", tmp_path / "cpu.zarr"

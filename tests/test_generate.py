@@ -150,6 +150,31 @@ def test_same_seed_same_images_other_seed_or_step_other_images(runs: dict[str, P
     assert close(best, {2: earlier, 4: first}[best_step])
 
 
+def test_the_averaged_generator_by_default_the_trained_one_on_request(
+        runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = runs["flair"]
+    averaged = generated(run, tmp_path / "ema.zarr", "--num", "16")
+    assert "(tiny, averaged generator)" in capsys.readouterr().out
+    assert xr.open_zarr(tmp_path / "ema.zarr").attrs["checkpoint"]["weights"] == "ema"
+    assert np.array_equal(generated(run, tmp_path / "ema2.zarr", "--num", "16", "--weights", "ema"), averaged)
+    trained = generated(run, tmp_path / "raw.zarr", "--num", "16", "--weights", "raw")
+    assert xr.open_zarr(tmp_path / "raw.zarr").attrs["checkpoint"]["weights"] == "raw"
+    assert not np.array_equal(trained, averaged)  # 4 steps in, the ramped-up average is still near the weights
+
+    without = tmp_path / "without"  # trained with --ema-images 0, or before the average existed
+    shutil.copytree(run, without)
+    for folder in (without / "checkpoints").glob("[0-9]*"):
+        (folder / "generator_ema.pt").unlink()
+        state = json.loads((folder / "trainer_state.json").read_text())
+        (folder / "trainer_state.json").write_text(json.dumps({**state, "ema": False}))
+    assert np.array_equal(generated(without, tmp_path / "fallback.zarr", "--num", "16"), trained)
+    argv = ["generate", "--checkpoint", str(without), "--out", str(tmp_path / "no.zarr"), "--weights", "ema"]
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds no averaged generator" in err and "--weights raw" in err and not (tmp_path / "no.zarr").exists()
+
+
 def test_refusals_exit_2_with_their_reason_and_write_nothing(
         runs: dict[str, Path], real_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out, grid = tmp_path / "out.zarr", tmp_path / "grid.png"

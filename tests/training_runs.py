@@ -57,16 +57,21 @@ def model_states(run: Path, step: int) -> dict[str, dict]:
     import torch  # here, not at the top: conftest.py imports this module for every test session
 
     folder = run / "checkpoints" / str(step)
-    return {tag: torch.load(folder / tag / "mp_rank_00_model_states.pt", weights_only=True)
-            for tag in ("generator", "critic")}
+    states = {tag: torch.load(folder / tag / "mp_rank_00_model_states.pt", weights_only=True)
+              for tag in ("generator", "critic")}
+    if (folder / "generator_ema.pt").exists():  # the averaged generator (on by default)
+        states["generator_ema"] = torch.load(folder / "generator_ema.pt", weights_only=True)
+    return states
 
 
 def assert_same_weights(run: Path, reference: Path, step: int) -> None:
-    """The generator and critic of ``run`` at ``step`` hold the reference run's weights there, to 1e-6."""
+    """The generator, the critic and the averaged generator of ``run`` at ``step`` hold the reference run's
+    weights there, to 1e-6."""
     import torch
 
     got, expected = model_states(run, step), model_states(reference, step)
-    for tag in ("generator", "critic"):
+    assert got.keys() == expected.keys()
+    for tag in expected:
         assert got[tag]["module"].keys() == expected[tag]["module"].keys(), tag
         for name, tensor in expected[tag]["module"].items():
             torch.testing.assert_close(got[tag]["module"][name], tensor, rtol=0, atol=1e-6,

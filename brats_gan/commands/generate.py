@@ -15,6 +15,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--which", choices=("latest", "best"), default="latest",
                    help="checkpoint: the newest complete one (latest, default) or the one with the lowest SWD "
                         "measured during training (best)")
+    p.add_argument("--weights", choices=("ema", "raw"), default=None,
+                   help="the averaged generator (ema: default when the checkpoint has one; cleaner images) or the "
+                        "trained weights of that step (raw)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (overrides --which)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
                    help=f"images per forward pass (default {DEFAULT_BATCH}); changes speed and memory, not images")
@@ -27,10 +30,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     report = generate(args.checkpoint, args.out, args.num, seed=args.seed, step=args.step, which=args.which,
+                      weights=args.weights,
                       batch_size=args.batch_size, grid=args.grid, overwrite=args.overwrite, channels=args.channels)
     ck = report.checkpoint
     print(f"{report.out}: {report.num} synthetic slices {'x'.join(map(str, report.shape[1:]))} "
-          f"({', '.join(ck.channels)}) from {ck.run} step {ck.step} ({ck.preset}), seed {report.seed}, "
+          f"({', '.join(ck.channels)}) from {ck.run} step {ck.step} ({ck.preset}, "
+          f"{'averaged' if ck.weights_kind == 'ema' else 'trained'} generator), seed {report.seed}, "
           f"on {report.device}, {report.seconds:.1f} s")
     if report.grid is not None:
         print(f"grid of the first {min(report.num, GRID_MAX)}: {report.grid}")

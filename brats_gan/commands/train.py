@@ -73,6 +73,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     loss.add_argument("--augment-p", type=float, metavar="P",
                       help=f"probability of each policy per image (default {t.augment_p}, DiffAugment's; 0.5 kept "
                            "the SWD gain with a fainter grid on the phantoms)")
+    loss.add_argument("--ema-images", type=int, metavar="N",
+                      help=f"half-life, in generated images, of the averaged generator used for samples, the "
+                           f"checkpoint SWD, `best` and `generate` (default {t.ema_images}; 0: none, sample the "
+                           "trained weights); it changes nothing that is trained")
+    loss.add_argument("--ema-rampup", type=float, metavar="R",
+                      help=f"the averaging half-life is at most R x the images generated so far, so early weights "
+                           f"fade fast (default {t.ema_rampup}; 0: no ramp-up)")
     data = parser.add_argument_group("data")
     data.add_argument("--channels", nargs="+", metavar="NAME",
                       help="one stored channel (repeated to 3) or three (default: the store's only one or three)")

@@ -40,6 +40,7 @@ from brats_gan import locks, schema
 from brats_gan.checkpoints import (
     BEST,
     CHECKPOINTS,
+    EMA_WEIGHTS,
     LATEST,
     TRAINER_STATE,
     atomic_write_text,
@@ -56,6 +57,7 @@ from brats_gan.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from brats_gan.ema import AveragedGenerator
 from brats_gan.images import save_grid
 from brats_gan.loss import WGANLoss
 from brats_gan.metrics_log import MetricsLog
@@ -162,6 +164,9 @@ class Trainer:
         self.critic = build_engine(critic, "critic", self.t.deepspeed, self.run_dir)
         self.phases = engine_loss(self.generator, self.critic, self.t, device)
         self.dtype = self.phases.dtype
+        self.ema = (AveragedGenerator(self.generator.module, self.t.ema_images, self.t.ema_rampup or None)
+                    if self.t.ema_images else None)
+        self.generator_batch = self.stream.batch_size * env.world_size  # generated images per step, all ranks
         self.fixed_noise = torch.randn(self.c.samples, self.model_config.latent_dim,
                                        generator=torch.Generator().manual_seed(self.t.seed))
         self.swd_images = min(self.c.swd_images, stream.n_samples)
@@ -242,6 +247,8 @@ class Trainer:
         start = time.perf_counter()
         figures, position = self.phases.iteration(batches, self.t.n_critic, self.stream.batch_size)
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.generator.module, self.step * self.generator_batch, self.generator_batch)
         bpe = self.stream.batches_per_epoch
         self.position = (Position(position.epoch, position.batch + 1) if position.batch + 1 < bpe
                          else Position(position.epoch + 1, 0))
@@ -274,8 +281,8 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
 
     def save(self, swd: float | None = None) -> None:
-        """``RUN/checkpoints/<step>/{generator,critic}/`` (DeepSpeed), ``rng_rank<r>.pt`` and
-        ``trainer_state.json``; then, after a barrier proves every rank finished, ``latest``, and
+        """``RUN/checkpoints/<step>/{generator,critic}/`` (DeepSpeed), ``generator_ema.pt``, ``rng_rank<r>.pt``
+        and ``trainer_state.json``; then, after a barrier proves every rank finished, ``latest``, and
         ``best`` when this checkpoint's SWD is the lowest so far."""
         folder = self.run_dir / CHECKPOINTS / str(self.step)
         if self.is_main and folder.exists():
@@ -284,13 +291,13 @@ class Trainer:
         try:
             self.generator.save_checkpoint(str(folder), tag="generator", save_latest=False)
             self.critic.save_checkpoint(str(folder), tag="critic", save_latest=False)
-            rng_path = folder / f"rng_rank{self.env.rank}.pt"
-            torch.save(rng_state(), rng_path.with_suffix(".tmp"))
-            os.replace(rng_path.with_suffix(".tmp"), rng_path)
+            _save_atomic(rng_state(), folder / f"rng_rank{self.env.rank}.pt")
             if self.is_main:
+                if self.ema is not None:
+                    _save_atomic({"module": self.ema.state_dict()}, folder / EMA_WEIGHTS)
                 state = {"step": self.step, "epoch": self.position.epoch, "batch": self.position.batch,
                          "world_size": self.env.world_size, "micro_batch": self.stream.batch_size,
-                         "seed": self.t.seed, "preset": self.t.preset, "swd": swd,
+                         "seed": self.t.seed, "preset": self.t.preset, "swd": swd, "ema": self.ema is not None,
                          "saved": schema.now_utc()}
                 atomic_write_text(folder / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
         except (OSError, RuntimeError) as err:  # a full disk; torch reports it as "unexpected pos ..."
@@ -341,6 +348,14 @@ class Trainer:
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load {folder / tag}")
         state = json.loads((folder / TRAINER_STATE).read_text())
+        if self.ema is not None:
+            if (folder / EMA_WEIGHTS).is_file():
+                self.ema.load_state_dict(torch.load(folder / EMA_WEIGHTS, map_location=self.device,
+                                                    weights_only=True)["module"])
+            else:
+                log.warning("checkpoint %d holds no averaged generator (written without one): the average "
+                            "starts from its weights", step)
+                self.ema = AveragedGenerator(self.generator.module, self.t.ema_images, self.t.ema_rampup or None)
         self.step = int(state["step"])
         self.position = Position(int(state["epoch"]), int(state["batch"]))
         set_rng_state(torch.load(folder / f"rng_rank{self.env.rank}.pt", weights_only=True))
@@ -361,8 +376,9 @@ class Trainer:
 
     def measure_swd(self) -> float | None:
         """SWD (x1e3, mean over pyramid levels; ``brats_gan.metrics``) between a fixed noise batch's images
-        and evenly spaced real images of the store, at model size (rank 0; None elsewhere or when off).
-        Like the sample grid it runs in eval mode under a forked RNG, so it never changes training."""
+        (of the averaged generator, when there is one: what `generate` samples by default) and evenly spaced
+        real images of the store, at model size (rank 0; None elsewhere or when off). Like the sample grid
+        it runs in eval mode under a forked RNG, so it never changes training."""
         if not self.is_main or not self.swd_images:
             return None
         from brats_gan.metrics import swd_distance
@@ -374,21 +390,29 @@ class Trainer:
         return float(swd_distance(self._swd_real, fake, seed=self.t.seed)["mean"])
 
     def generate(self, noise: torch.Tensor, batch: int = 64) -> torch.Tensor:
-        """The generator's images for ``noise`` (float32, on the CPU), in eval mode and under a forked
-        RNG, so that drawing samples or measuring them never changes the training's random stream."""
-        module = self.generator.module
+        """The sampled generator's images for ``noise`` (float32, on the CPU): the averaged one when there is
+        one (kept in fp32), else the trained one; in eval mode and under a forked RNG, so that drawing
+        samples or measuring them never changes the training's random stream."""
+        module = self.generator.module if self.ema is None else self.ema.module
+        dtype = self.dtype if self.ema is None else torch.float32
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
+            was_training = module.training
             module.eval()
             try:
-                return torch.cat([module(z.to(self.device, self.dtype)).float().cpu() for z in noise.split(batch)])
+                return torch.cat([module(z.to(self.device, dtype)).float().cpu() for z in noise.split(batch)])
             finally:
-                module.train()
+                module.train(was_training)
 
     def sample_grid(self) -> None:
         """The generator on the fixed noise batch -> ``RUN/samples/step_<step>.png`` (rank 0)."""
         if self.is_main:
             save_grid(self.generate(self.fixed_noise).numpy(), self.run_dir / "samples" / f"step_{self.step:07d}.png")
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    torch.save(obj, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
 
 
 def _versions() -> dict[str, str]:
