@@ -51,13 +51,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
 from brats_gan.data import Position, to_model
 from brats_gan.distributed import DistEnv, init_distributed, shutdown_distributed
 from brats_gan.loss import WGANLoss
-from brats_gan.models import PRESETS, build_models, get_config
+from brats_gan.models import PRESETS, FlopCount, build_models, get_config
 from brats_gan.train import build_engine, engine_loss
 from brats_gan.train_config import TrainingConfig, load_deepspeed_config
 
@@ -155,33 +153,11 @@ class TorchLoop:
 # ------------------------------------------------------------------------------------ FLOPs and peaks
 
 
-class _FlopCount(TorchDispatchMode):
-    """Sum of torch's FLOP formulas over the ops run inside (``FlopCounterMode`` minus its module
-    tracker, whose hooks refuse ``autograd.grad`` on a leaf, which the gradient penalty needs)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        packet = func._overloadpacket
-        if packet not in flop_registry:
-            with self:
-                out = func.decompose(*args, **kwargs)
-            if out is not NotImplemented:
-                return out
-        out = func(*args, **kwargs)
-        if packet in flop_registry:
-            self.total += flop_registry[packet](*args, **kwargs, out_val=out)
-        return out
-
-
 def flop_per_image(preset: str, adam: dict[str, Any], n_critic: int, gp_lambda: float, batch_size: int) -> float:
     """FLOP of one iteration of the baseline's phases (meta device: nothing is computed) per real image."""
     loop = TorchLoop(preset, adam, "meta", torch.float32, n_critic, gp_lambda, batch_size, seed=0)
     size = loop.config.image_size
-    with _FlopCount() as count:
+    with FlopCount() as count:
         for _ in range(n_critic):
             loop.phases.critic_step(torch.zeros(batch_size, loop.config.channels, size, size, device="meta"))
         loop.phases.generator_step(batch_size)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 NORMS = ("batch", "layer", "none")
 ACTIVATIONS = ("relu", "leaky_relu")
@@ -55,6 +57,7 @@ class ModelConfig:
     critic_activation: str = "leaky_relu"
     critic_sigmoid: bool = False
     critic_noise_std: float = 0.1
+    critic_mbstd_group: int = 0  # minibatch standard deviation (Karras et al. 2018) over groups of N; 0: none
     leaky_slope: float = 0.2
     init_std: float = 0.02
 
@@ -96,6 +99,8 @@ class ModelConfig:
         check("critic_sigmoid", isinstance(self.critic_sigmoid, bool), "a bool")
         check("critic_noise_std", isinstance(self.critic_noise_std, (int, float)) and self.critic_noise_std >= 0,
               "a float >= 0")
+        check("critic_mbstd_group", isinstance(self.critic_mbstd_group, int) and self.critic_mbstd_group >= 0,
+              "an int >= 0")
         check("leaky_slope", isinstance(self.leaky_slope, (int, float)) and 0 <= self.leaky_slope < 1,
               "a float in [0, 1)")
         check("init_std", isinstance(self.init_std, (int, float)) and self.init_std > 0, "a float > 0")
@@ -171,6 +176,27 @@ class InstanceNoise(nn.Module):
 
     def extra_repr(self) -> str:
         return f"std={self.std}"
+
+
+class MinibatchStd(nn.Module):
+    """One more feature map: the standard deviation of the features across a group of images (Karras et al.
+    2018, ProGAN/StyleGAN), so the critic can see a batch with too little variety, which pushes the
+    generator away from collapse. Groups of ``group`` images (fewer when the batch does not divide)."""
+
+    def __init__(self, group: int) -> None:
+        super().__init__()
+        self.group = int(group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        g = math.gcd(self.group, b)
+        y = x.float().reshape(g, b // g, c, h, w)
+        y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt().mean((1, 2, 3))  # (b // g,)
+        y = y.to(x.dtype).reshape(1, b // g, 1, 1, 1).expand(g, -1, 1, h, w).reshape(b, 1, h, w)
+        return torch.cat([x, y], 1)
+
+    def extra_repr(self) -> str:
+        return f"group={self.group}"
 
 
 def _conv_label(kind: str, k: int) -> str:
@@ -290,11 +316,13 @@ class Critic(nn.Module):
                 norm=_critic_norm(c.critic_norm, w_out),
                 act=act,
             ))
+        mbstd = MinibatchStd(c.critic_mbstd_group) if c.critic_mbstd_group else None
         self.fc = Block(
-            "Fully-connected layer", NO_ACTIVATION,
+            "Fully-connected layer" if mbstd is None else "Minibatch std + fully-connected layer", NO_ACTIVATION,
             noise=InstanceNoise(c.critic_noise_std),
+            mbstd=mbstd,
             flatten=nn.Flatten(),
-            linear=nn.Linear(c.critic_widths[-1] * c.critic_final_size**2, 1),
+            linear=nn.Linear((c.critic_widths[-1] + (mbstd is not None)) * c.critic_final_size**2, 1),
         )
 
     @property
@@ -379,32 +407,43 @@ def layer_table(module: nn.Module, input_shape: Sequence[int] | None = None) -> 
     return rows
 
 
+class FlopCount(TorchDispatchMode):
+    """Sum of torch's own FLOP formulas (``torch.utils.flop_counter``) over the ops run inside: convolutions,
+    their backward and double backward, matrix products. ``FlopCounterMode`` without its module tracker,
+    whose hooks refuse ``autograd.grad`` on a leaf, which the gradient penalty needs. The one FLOP counter
+    of the project: :func:`flops_per_image` and ``benchmarks/train_step.py``'s MFU both use it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        from torch.utils.flop_counter import flop_registry
+
+        kwargs = kwargs or {}
+        packet = func._overloadpacket
+        if packet not in flop_registry:
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        if packet in flop_registry:
+            self.total += flop_registry[packet](*args, **kwargs, out_val=out)
+        return out
+
+
 def flops_per_image(config: str | ModelConfig = "paper") -> dict[str, int]:
-    """Forward FLOPs (2 x multiply-adds of convs and linears; norms and activations ignored) of one
-    image through each network, for MFU. A training step costs about 3x a forward per pass, and the
-    gradient penalty's double backward more. Counted on the meta device, so nothing is computed."""
+    """Forward FLOPs of one image through each network (:class:`FlopCount` on the meta device, so nothing
+    is computed). A training step costs about 3x a forward per pass, and the gradient penalty's double
+    backward more; ``benchmarks/train_step.py`` counts the whole iteration with the same counter."""
     c = get_config(config)
-    counts: dict[str, int] = {}
     with torch.device("meta"):
         nets = {"generator": Generator(c), "critic": Critic(c)}
+    counts: dict[str, int] = {}
     for name, net in nets.items():
-        macs = 0
-
-        def count(m: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            nonlocal macs
-            if isinstance(m, nn.Linear):
-                macs += m.in_features * m.out_features
-            elif isinstance(m, nn.ConvTranspose2d):
-                macs += inputs[0][0].numel() * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
-            elif isinstance(m, nn.Conv2d):
-                macs += output[0].numel() * m.in_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups
-
-        hooks = [m.register_forward_hook(count) for m in net.modules()
-                 if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
         net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), FlopCount() as count:
             net(torch.zeros(1, *net.input_shape, device="meta"))
-        for hook in hooks:
-            hook.remove()
-        counts[name] = 2 * macs
+        counts[name] = int(count.total)
     return counts
