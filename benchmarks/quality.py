@@ -1,14 +1,16 @@
-"""Image quality of the tiny generators: transposed vs resize upsampling, with and without DiffAugment.
+"""Image quality of training variants on the tiny presets: recipes and generators compared on several seeds.
 
-The evidence issue 4 asks for, on the demo's phantoms (no download), with fixed seeds on the CPU:
-each variant is trained for the same number of steps, 256 slices are generated from its last
-checkpoint, and `brats-gan evaluate` compares them with held-out phantom subjects. Printed side by
-side: SWD beside its real-vs-real floor, the checkerboard score (synthetic, and the real set's),
-MS-SSIM diversity, and the memorisation share (training store given).
+On the demo's phantoms (no download), on the CPU: every variant is trained from each seed for the same
+wall time (``--seconds``: stopped by SIGTERM, which checkpoints the step it reached) or the same number
+of steps (``--steps``); 256 slices are generated from its last checkpoint (the averaged generator, as
+`generate` does by default) and `brats-gan evaluate` compares them with held-out phantom subjects.
+Per variant it prints the median over seeds of SWD / real-vs-real floor, checkerboard / the real
+slices' level (in dB, so a difference: synthetic minus real), MS-SSIM fake minus real (diversity: 0 is
+the real set's), the memorisation share and the steps reached, then every run.
 
-Baseline: the poster's setting, ``tiny`` (transposed convolutions) without augmentation; ``resize``
-is ``tiny-resize`` (nearest), ``resize-bilinear`` the same with ``--resize-mode bilinear``. Runs go two
-at a time, one thread each (2-core machine); ``--json`` prints one JSON line.
+Baseline: ``poster`` (the tiny preset with the poster's recipe). A variant is a name and the `train`
+flags that make it (``VARIANTS``; ``--variants`` picks them). Runs go ``--parallel`` at a time (default
+2: the 2-core machine), one thread each; ``--json`` prints one JSON line.
 """
 
 from __future__ import annotations
@@ -16,27 +18,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-AUGMENTS = ("none", "translation,cutout")
-BASELINE = ("transposed", "none")  # the poster's generator and recipe
-UPSAMPLES = {"transposed": ("tiny", "nearest"), "resize": ("tiny-resize", "nearest"),
-             "resize-bilinear": ("tiny-resize", "bilinear")}
+BASELINE = "poster"
+VARIANTS: dict[str, list[str]] = {
+    "poster": ["--preset", "tiny", "--recipe", "poster"],
+    "poster-no-ema": ["--preset", "tiny", "--recipe", "poster", "--ema-images", "0"],
+    "poster-no-augment": ["--preset", "tiny", "--recipe", "poster", "--augment", "none"],
+    "poster-resize": ["--preset", "tiny-resize", "--recipe", "poster"],
+    "wgan-gp": ["--preset", "tiny", "--recipe", "wgan-gp"],
+    "wgan-gp-ncritic2": ["--preset", "tiny", "--recipe", "wgan-gp", "--n-critic", "2"],
+    "wgan-gp-mbstd": ["--preset", "tiny", "--recipe", "wgan-gp", "--critic-mbstd", "4"],
+    "wgan-gp-augment-p0.5": ["--preset", "tiny", "--recipe", "wgan-gp", "--augment-p", "0.5"],
+    "wgan-gp-lambda1": ["--preset", "tiny", "--recipe", "wgan-gp", "--gp-lambda", "1"],
+}
+METRICS = ("swd", "swd_floor", "checkerboard", "checkerboard_real", "ms_ssim_fake", "ms_ssim_real",
+           "memorisation_share")
 
 
 def brats_gan(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "brats_gan", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
 
 
-def finish(proc: subprocess.Popen) -> str:
+def finish(proc: subprocess.Popen, allowed: tuple[int, ...] = (0,)) -> str:
     out, _ = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, proc.args))} failed:\n{out[-3000:]}")
+    if proc.returncode not in allowed:
+        raise SystemExit(f"{' '.join(map(str, proc.args))} failed ({proc.returncode}):\n{out[-3000:]}")
     return out
 
 
@@ -53,74 +67,108 @@ def make_stores(root: Path, train_subjects: int, heldout_subjects: int) -> tuple
     return train, heldout
 
 
+def train_all(jobs: list[tuple[str, int, Path]], train: Path, args: argparse.Namespace, env: dict[str, str]) -> None:
+    """Each (variant, seed, run folder), ``--parallel`` at a time, for ``--seconds`` each or ``--steps``."""
+    for first in range(0, len(jobs), args.parallel):
+        procs = []
+        for variant, seed, run in jobs[first:first + args.parallel]:
+            length = (["--steps", "100000000", "--checkpoint-every", "100000000", "--checkpoint-on-signal"]
+                      if args.seconds else ["--steps", str(args.steps), "--checkpoint-every", str(args.steps)])
+            procs.append(brats_gan("train", "--store", str(train), "--out", str(run), *VARIANTS[variant],
+                                   "--seed", str(seed), *length, "--sample-every", "0", "--swd-images", "0",
+                                   "--num-workers", "0", env=env))
+        if args.seconds:
+            time.sleep(args.seconds)
+            for proc in procs:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            finish(proc, allowed=(0, 128 + signal.SIGTERM) if args.seconds else (0,))
+
+
+def measure(run: Path, train: Path, heldout: Path, images: int, seed: int, env: dict[str, str]) -> dict:
+    fake = run.with_suffix(".zarr")
+    finish(brats_gan("generate", "--checkpoint", str(run), "--out", str(fake), "--num", str(images),
+                     "--seed", str(seed), "--grid", str(run.with_suffix(".png")), env=env))
+    report = json.loads(finish(brats_gan("evaluate", "--real", str(heldout), "--fake", str(fake), "--train",
+                                         str(train), "--json", "--seed", str(seed),
+                                         "--metrics", "swd,checkerboard,ms_ssim,memorisation", env=env)
+                               ).strip().splitlines()[-1])
+    step = int((run / "checkpoints" / "latest").read_text())
+    figures = {k: report[k] for k in METRICS}
+    return {**figures, "steps": step, "swd_ratio": figures["swd"] / figures["swd_floor"],
+            "checkerboard_excess": figures["checkerboard"] - figures["checkerboard_real"],
+            "ms_ssim_gap": figures["ms_ssim_fake"] - figures["ms_ssim_real"]}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    out = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == variant]
+        out.append({"variant": variant, "seeds": len(mine), "flags": " ".join(VARIANTS[variant]),
+                    **{k: round(statistics.median(r[k] for r in mine), 3)
+                       for k in ("swd_ratio", "checkerboard_excess", "ms_ssim_gap", "memorisation_share", "steps")},
+                    "swd_ratio_range": [round(min(r["swd_ratio"] for r in mine), 2),
+                                        round(max(r["swd_ratio"] for r in mine), 2)]})
+    base = next((s["swd_ratio"] for s in out if s["variant"] == BASELINE), None)
+    for s in out:
+        s["swd_vs_baseline"] = None if base is None else round(s["swd_ratio"] / base, 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400, help="generator steps per variant (default 400)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--seconds", type=float, default=None,
+                        help="wall time per run (default 150 unless --steps is given)")
+    length.add_argument("--steps", type=int, default=None, help="generator steps per run instead of a wall time")
+    parser.add_argument("--variants", default="poster,wgan-gp",
+                        help=f"comma-separated, from {','.join(VARIANTS)} (default poster,wgan-gp)")
+    parser.add_argument("--seeds", default="0,1,2", help="training/generation seeds (default 0,1,2)")
     parser.add_argument("--train-subjects", type=int, default=8, help="phantom subjects trained on (default 8)")
     parser.add_argument("--heldout-subjects", type=int, default=4, help="phantom subjects held out (default 4)")
-    parser.add_argument("--images", type=int, default=256, help="slices generated per variant (default 256)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--parallel", type=int, default=2, help="variants trained at once (default 2)")
-    parser.add_argument("--upsample", default="transposed,resize",
-                        help=f"generators compared, comma-separated from {','.join(UPSAMPLES)} "
-                             "(default transposed,resize)")
+    parser.add_argument("--images", type=int, default=256, help="slices generated per run (default 256)")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at once (default 2)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the stores and runs in this folder")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()
-    variants = [(upsample, augment) for augment in AUGMENTS for upsample in args.upsample.split(",")]
-    unknown = {u for u, _ in variants} - set(UPSAMPLES)
+    if args.steps is None and args.seconds is None:
+        args.seconds = 150.0
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        parser.error(f"--upsample: unknown {', '.join(sorted(unknown))}; known: {', '.join(UPSAMPLES)}")
+        parser.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="brats-gan-quality-"))
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     train, heldout = make_stores(root, args.train_subjects, args.heldout_subjects)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {}
-    for first in range(0, len(variants), args.parallel):
-        procs = {}
-        for upsample, augment in variants[first:first + args.parallel]:
-            preset, mode = UPSAMPLES[upsample]
-            run = root / f"{upsample}-{augment.replace(',', '+')}"
-            runs[(upsample, augment)] = run
-            procs[run] = brats_gan("train", "--store", str(train), "--out", str(run), "--preset", preset,
-                                   "--resize-mode", mode,
-                                   "--augment", augment, "--steps", str(args.steps), "--seed", str(args.seed),
-                                   "--checkpoint-every", str(max(1, args.steps // 4)), "--num-workers", "0",
-                                   env=env)
-        for proc in procs.values():
-            finish(proc)
-    rows = []
-    for (upsample, augment), run in runs.items():
-        fake = run.with_suffix(".zarr")
-        finish(brats_gan("generate", "--checkpoint", str(run), "--out", str(fake), "--num", str(args.images),
-                         "--seed", str(args.seed), "--grid", str(run.with_suffix(".png")), env=env))
-        report = json.loads(finish(brats_gan("evaluate", "--real", str(heldout), "--fake", str(fake), "--train",
-                                             str(train), "--json", "--seed", str(args.seed),
-                                             "--metrics", "swd,checkerboard,ms_ssim,memorisation", env=env)
-                                   ).strip().splitlines()[-1])
-        rows.append({"upsample": upsample, "augment": augment, "steps": args.steps,
-                     **{k: report.get(k) for k in ("swd", "swd_floor", "checkerboard", "checkerboard_real",
-                                                   "checkerboard_levels", "ms_ssim_fake", "ms_ssim_real",
-                                                   "memorisation_share")}})
-    baseline = next((r["swd"] for r in rows if (r["upsample"], r["augment"]) == BASELINE), None)
-    for r in rows:
-        r["swd_vs_baseline"] = None if baseline is None else round(r["swd"] / baseline, 3)
-    result = {"rows": rows, "seconds": round(time.perf_counter() - started, 1), "folder": str(root)}
+    jobs = [(variant, seed, root / f"{variant}-seed{seed}") for seed in seeds for variant in variants]
+    train_all(jobs, train, args, env)
+    rows = [{"variant": variant, "seed": seed, **measure(run, train, heldout, args.images, seed, env)}
+            for variant, seed, run in jobs]
+    result = {"length": f"{args.seconds:g} s" if args.seconds else f"{args.steps} steps", "seeds": seeds,
+              "summary": summarise(rows), "runs": rows, "seconds": round(time.perf_counter() - started, 1),
+              "folder": str(root)}
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{args.steps} steps per variant, {args.images} generated slices vs {args.heldout_subjects} held-out "
-          f"subjects; runs in {root}")
-    head = f"{'upsample':<16} {'augment':<19} {'SWD':>7} {'/base':>6} {'floor':>7} {'checker':>8} {'real':>6} " \
-           f"{'MS-SSIM':>8} {'real':>6} {'memorised':>9}  checkerboard per period 2/4/8/.. px"
-    print(head)
+    print(f"{result['length']} per run, seeds {args.seeds}, {args.images} generated slices vs "
+          f"{args.heldout_subjects} held-out subjects; medians over seeds; runs in {root}")
+    print(f"{'variant':<22} {'SWD/floor':>9} {'range':>11} {'/base':>6} {'checker-real dB':>15} "
+          f"{'MS-SSIM gap':>11} {'memorised':>9} {'steps':>6}")
+    for s in result["summary"]:
+        ratio = "-" if s["swd_vs_baseline"] is None else f"{s['swd_vs_baseline']:.3f}"
+        span = f"{s['swd_ratio_range'][0]:.2f}-{s['swd_ratio_range'][1]:.2f}"
+        print(f"{s['variant']:<22} {s['swd_ratio']:9.2f} {span:>11} {ratio:>6} {s['checkerboard_excess']:15.2f} "
+              f"{s['ms_ssim_gap']:11.3f} {s['memorisation_share']:9.3f} {s['steps']:6.0f}")
+    print("every run:")
     for r in rows:
-        ratio = "-" if r["swd_vs_baseline"] is None else f"{r['swd_vs_baseline']:.3f}"
-        print(f"{r['upsample']:<16} {r['augment']:<19} {r['swd']:7.1f} {ratio:>6} {r['swd_floor']:7.1f} {r['checkerboard']:8.2f} "
-              f"{r['checkerboard_real']:6.2f} {r['ms_ssim_fake']:8.3f} {r['ms_ssim_real']:6.3f} "
-              f"{r['memorisation_share']:9.3f}  {' '.join(f'{v:.1f}' for v in r['checkerboard_levels'])}")
+        print(f"  {r['variant']:<22} seed {r['seed']}: SWD {r['swd']:.1f} / floor {r['swd_floor']:.1f} = "
+              f"{r['swd_ratio']:.2f}, checkerboard {r['checkerboard']:.2f} dB (real {r['checkerboard_real']:.2f}), "
+              f"MS-SSIM {r['ms_ssim_fake']:.3f} (real {r['ms_ssim_real']:.3f}), memorised "
+              f"{r['memorisation_share']:.3f}, {r['steps']} steps")
     print(f"({result['seconds']} s)")
 
 

@@ -29,21 +29,33 @@ from brats_gan.checkpoints import (
 from brats_gan.data import DEFAULT_RUN_LENGTH, DEFAULT_WINDOW_BATCHES
 from brats_gan.errors import UserError
 from brats_gan.models import ModelConfig, get_config
+from brats_gan.recipes import get_recipe, model_config, preset_recipe
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("wgan-gp", "wgan-clip")
 CHECKPOINT_SWD_MIN_IMAGES = 16  # --swd-images: fewer make the SWD too noisy to choose the best checkpoint by
 
-# The DeepSpeed recipes when --deepspeed-config is not given; deepspeed_configs/{paper,tiny}.json
-# hold the same (a test keeps them equal), for users to copy and edit.
-_ADAM = {"type": "Adam", "params": {"lr": 0.0002, "betas": [0.5, 0.999], "eps": 1e-08, "weight_decay": 0.001,
-                                    "torch_adam": True, "adam_w_mode": False}}
-DEFAULT_DEEPSPEED: dict[str, dict[str, Any]] = {
-    "paper": {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "optimizer": _ADAM,
-              "gradient_clipping": 0.0, "steps_per_print": 1_000_000_000, "wall_clock_breakdown": False},
-}
-DEFAULT_DEEPSPEED["tiny"] = {**DEFAULT_DEEPSPEED["paper"], "train_micro_batch_size_per_gpu": 4}
+# The DeepSpeed configs when --deepspeed-config is not given: the preset family's micro-batch, fp32, and
+# Adam with the preset's recipe (brats_gan.recipes); deepspeed_configs/{paper,tiny}.json hold the same (a
+# test keeps them equal), for users to copy and edit.
+_ADAM_FIXED = {"eps": 1e-08, "torch_adam": True, "adam_w_mode": False}  # L2 decay as Chainer's hook, not AdamW
+_MICRO_BATCH = {"paper": 8, "tiny": 4}
+
+
+def _family(preset: str) -> str:
+    return "tiny" if preset.startswith("tiny") else "paper"
+
+
+def default_deepspeed(preset: str, recipe: str | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of ``preset`` trained with ``recipe`` (default: the preset's)."""
+    adam = get_recipe(recipe or preset_recipe(preset)).adam
+    return {"train_micro_batch_size_per_gpu": _MICRO_BATCH[_family(preset)], "gradient_accumulation_steps": 1,
+            "optimizer": {"type": "Adam", "params": {**copy.deepcopy(adam), **_ADAM_FIXED}},
+            "gradient_clipping": 0.0, "steps_per_print": 1_000_000_000, "wall_clock_breakdown": False}
+
+
+DEFAULT_DEEPSPEED: dict[str, dict[str, Any]] = {family: default_deepspeed(family) for family in _MICRO_BATCH}
 
 # Top-level DeepSpeed fields this trainer accepts; anything else is a typo or a feature it does not
 # drive (pipeline, MoE, ...) and is refused. Keys starting with "_" are comments.
@@ -81,6 +93,7 @@ class TrainingConfig:
     """What is trained and how; ``deepspeed`` is the resolved DeepSpeed config both engines get."""
 
     preset: str = "paper"
+    recipe: str | None = None  # brats_gan.recipes; None: the preset's (a new run records the one it used)
     steps: int = 10_000
     seed: int = 0
     loss: str = "wgan-gp"
@@ -93,6 +106,7 @@ class TrainingConfig:
     ema_rampup: float = 0.05  # the half-life is at most this x the images generated so far; 0: no ramp-up
     upsample: str | None = None  # None: the preset's
     resize_mode: str | None = None  # None: the preset's
+    critic_mbstd_group: int | None = None  # None: the preset's and recipe's
     deepspeed_config: str | None = None
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
@@ -102,9 +116,8 @@ class TrainingConfig:
 
     @property
     def model(self) -> ModelConfig:
-        """The preset's networks, with the generator's upsampling as given on the command line."""
-        given = {name: value for name in ("upsample", "resize_mode") if (value := getattr(self, name)) is not None}
-        return dataclasses.replace(get_config(self.preset), **given)
+        """The preset's networks with its recipe's changes and those given on the command line."""
+        return model_config(self.preset, self.recipe, **{key[1]: getattr(self, key[1]) for key in MODEL_CHOICES})
 
 
 @dataclass(frozen=True)
@@ -137,12 +150,12 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--store": ("data", "store"), "--channels": ("data", "channels"), "--cache": ("data", "cache"),
     "--num-workers": ("data", "num_workers"), "--run-length": ("data", "run_length"),
     "--window-batches": ("data", "window_batches"), "--verify-store": ("data", "verify"),
-    "--preset": ("training", "preset"), "--steps": ("training", "steps"), "--seed": ("training", "seed"),
+    "--preset": ("training", "preset"), "--recipe": ("training", "recipe"), "--steps": ("training", "steps"), "--seed": ("training", "seed"),
     "--loss": ("training", "loss"), "--n-critic": ("training", "n_critic"),
     "--gp-lambda": ("training", "gp_lambda"), "--clip-value": ("training", "clip_value"),
     "--augment": ("training", "augment"), "--augment-p": ("training", "augment_p"),
     "--ema-images": ("training", "ema_images"), "--ema-rampup": ("training", "ema_rampup"), "--upsample": ("training", "upsample"),
-    "--resize-mode": ("training", "resize_mode"),
+    "--resize-mode": ("training", "resize_mode"), "--critic-mbstd": ("training", "critic_mbstd_group"),
     "--deepspeed-config": ("training", "deepspeed_config"),
     "--out": ("checkpoint", "out"), "--checkpoint-every": ("checkpoint", "every"),
     "--keep-checkpoints": ("checkpoint", "keep"), "--sample-every": ("checkpoint", "sample_every"),
@@ -150,7 +163,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--checkpoint-on-signal": ("checkpoint", "on_signal"),
 }
 # Options that change the preset's network; None means the preset's own.
-MODEL_CHOICES = {("training", "upsample"), ("training", "resize_mode")}
+MODEL_CHOICES = {("training", "upsample"), ("training", "resize_mode"), ("training", "critic_mbstd_group")}
 # What a resumed run may change; anything else would make it a different run.
 RESUMABLE_CHANGES = {("training", "steps"), ("checkpoint", "every"), ("checkpoint", "keep"),
                      ("checkpoint", "sample_every"), ("checkpoint", "samples"), ("data", "num_workers"),
@@ -206,9 +219,14 @@ def validate(options: Options) -> None:
     except ValueError as err:
         raise ConfigError(f"--preset (training.preset): {err}") from None
     try:
-        _ = t.model  # the preset with --upsample/--resize-mode, validated by ModelConfig
+        get_recipe(t.recipe or preset_recipe(t.preset))
     except ValueError as err:
-        raise ConfigError(f"--upsample/--resize-mode (training.upsample/resize_mode): {err}") from None
+        raise ConfigError(f"--recipe (training.recipe): {err}") from None
+    try:
+        _ = t.model  # the preset with its recipe and --upsample/--resize-mode/--critic-mbstd, validated by ModelConfig
+    except ValueError as err:
+        raise ConfigError(f"--upsample/--resize-mode/--critic-mbstd (training.upsample/resize_mode/"
+                          f"critic_mbstd_group): {err}") from None
     ds = t.deepspeed
     if t.loss == "wgan-clip" and (ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")):
         raise ConfigError("--loss wgan-clip clips the fp32 weights the optimizer owns only in fp32; "
@@ -220,14 +238,14 @@ def _suggest(name: str, known: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def load_deepspeed_config(path: str | None, preset: str, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config both engines get: the file's (validated) or the preset's default recipe.
+def load_deepspeed_config(path: str | None, preset: str, world_size: int, recipe: str | None = None) -> dict[str, Any]:
+    """The DeepSpeed config both engines get: the file's (validated), or :func:`default_deepspeed`'s.
 
     DeepSpeed ignores unknown top-level fields and checks the rest only inside ``initialize`` (after
     the process group is up); here a typo is refused by name before any rank starts.
     """
     if path is None:
-        return copy.deepcopy(DEFAULT_DEEPSPEED["tiny" if preset.startswith("tiny") else "paper"])
+        return default_deepspeed(preset, recipe)
     where = f"--deepspeed-config {path}"
     try:
         with open(path) as f:
@@ -314,6 +332,7 @@ def build_options(given: dict[tuple[str, str], Any], out: str | Path, resume: bo
         except RunFolderError as err:
             raise ConfigError(f"--resume: {err}") from None
         sections = {name: dict(saved[name]) for name in ("data", "training", "checkpoint")}
+        sections["training"].setdefault("recipe", "poster")  # runs from before recipes had the poster's
         if ("training", "deepspeed_config") in given:
             fresh = load_deepspeed_config(given.pop(("training", "deepspeed_config")),
                                           sections["training"]["preset"], world_size)
@@ -338,9 +357,16 @@ def build_options(given: dict[tuple[str, str], Any], out: str | Path, resume: bo
         sections = {"data": {}, "training": {}, "checkpoint": {}}
         for key, value in given.items():
             sections[key[0]][key[1]] = value
-        preset = sections["training"].get("preset", TrainingConfig.preset)
-        sections["training"]["deepspeed"] = load_deepspeed_config(
-            sections["training"].get("deepspeed_config"), str(preset), world_size)
+        training = sections["training"]
+        preset = str(training.get("preset", TrainingConfig.preset))
+        training.setdefault("recipe", preset_recipe(preset))
+        try:
+            for name, value in get_recipe(training["recipe"]).training.items():
+                training.setdefault(name, value)  # a flag given wins over the recipe
+        except ValueError as err:
+            raise ConfigError(f"--recipe (training.recipe): {err}") from None
+        training["deepspeed"] = load_deepspeed_config(training.get("deepspeed_config"), preset, world_size,
+                                                      training["recipe"])
     try:
         options = Options(DataConfig(**sections["data"]), TrainingConfig(**sections["training"]),
                           CheckpointConfig(**sections["checkpoint"]))

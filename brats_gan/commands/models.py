@@ -18,6 +18,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset", default="paper", metavar="NAME", help=f"model preset, one of: {', '.join(PRESETS)} (default: paper)"
     )
+    parser.add_argument("--recipe", default=None, metavar="NAME",
+                        help="the training recipe whose network changes to apply (default: the preset's)")
     parser.add_argument(
         "--json",
         action="store_true",
@@ -46,10 +48,11 @@ def format_table(title: str, rows: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from brats_gan.models import build_models, get_config, layer_table
+    from brats_gan.models import build_models, layer_table
+    from brats_gan.recipes import model_config
 
     try:
-        config = get_config(args.preset)
+        config = model_config(args.preset, args.recipe)
     except ValueError as err:
         raise UserError(str(err)) from None
     generator, critic = build_models(config)

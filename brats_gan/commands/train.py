@@ -23,6 +23,7 @@ from brats_gan.augment import POLICIES as AUGMENT_POLICIES
 from brats_gan.data import CACHE_MODES
 from brats_gan.errors import UserError, one_line
 from brats_gan.models import RESIZE_MODES, UPSAMPLES
+from brats_gan.recipes import PRESET_RECIPES, RECIPES
 from brats_gan.stopping import Stopped, stop_on_sigterm
 from brats_gan.train_config import (
     FLAGS,
@@ -51,6 +52,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                           "checkpoint, start when it does not exist, move a run folder with no checkpoint aside "
                           "and start again (one command for a first start, a requeue and a resubmission)")
     run.add_argument("--preset", help=f"model preset (default {t.preset}; see `brats-gan models`)")
+    run.add_argument("--recipe", choices=RECIPES,
+                     help="optimizer and loss settings that go together (brats_gan/recipes.py; flags given here win): "
+                          + "; ".join(f"{name}: {r.summary}" for name, r in RECIPES.items())
+                          + " (default: the preset's, " + ", ".join(f"{k}*: {v}" for k, v in PRESET_RECIPES.items()) + ")")
     run.add_argument("--steps", type=int, help=f"generator steps to reach in total (default {t.steps})")
     run.add_argument("--seed", type=int, help=f"seed of weights, noise and data order (default {t.seed})")
     run.add_argument("--upsample", choices=UPSAMPLES,
@@ -58,21 +63,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                           "resize then 3x3 convolution (Odena et al. 2016) (default: the preset's)")
     run.add_argument("--resize-mode", choices=RESIZE_MODES,
                      help="interpolation of --upsample resize (default: the preset's, nearest)")
+    run.add_argument("--critic-mbstd", type=int, metavar="N",
+                     help="end the critic with a minibatch standard-deviation feature over groups of N images "
+                          "(Karras et al. 2018), against too little variety (default: the recipe's; 0: none)")
     run.add_argument("--deepspeed-config", metavar="JSON",
-                     help="DeepSpeed config for both engines (default: the paper's recipe; the tiny presets "
-                          "use deepspeed_configs/tiny.json's micro-batch of 4)")
+                     help="DeepSpeed config for both engines (default: the recipe's Adam in fp32, micro-batch 8; "
+                          "the tiny presets use deepspeed_configs/tiny.json's micro-batch of 4)")
     loss = parser.add_argument_group("loss")
     loss.add_argument("--loss", choices=LOSSES, help=f"default {t.loss}")
-    loss.add_argument("--n-critic", type=int, help=f"critic steps per generator step (default {t.n_critic})")
-    loss.add_argument("--gp-lambda", type=float, help=f"gradient-penalty weight (default {t.gp_lambda})")
+    loss.add_argument("--n-critic", type=int, help="critic steps per generator step (default: the recipe's)")
+    loss.add_argument("--gp-lambda", type=float, help="gradient-penalty weight (default: the recipe's)")
     loss.add_argument("--clip-value", type=float, help=f"wgan-clip weight bound (default {t.clip_value})")
     loss.add_argument("--augment", metavar="POLICIES",
                       help="DiffAugment of the critic's real and fake inputs: comma-separated "
-                           f"{','.join(AUGMENT_POLICIES)}, or all, or none (the poster's recipe) (default "
-                           f"{','.join(t.augment)}: on 384 phantom slices it lowered the SWD by 9-44%%, but leaves a faint 4 px grid)")
+                           f"{','.join(AUGMENT_POLICIES)}, or all, or none (the poster's own training) (default: the recipe's; "
+                           "translation,cutout lowered the SWD on 384 phantom slices by 9-44%%, but leaves a faint 4 px grid)")
     loss.add_argument("--augment-p", type=float, metavar="P",
-                      help=f"probability of each policy per image (default {t.augment_p}, DiffAugment's; 0.5 kept "
-                           "the SWD gain with a fainter grid on the phantoms)")
+                      help="probability of each policy per image (default: the recipe's)")
     loss.add_argument("--ema-images", type=int, metavar="N",
                       help=f"half-life, in generated images, of the averaged generator used for samples, the "
                            f"checkpoint SWD, `best` and `generate` (default {t.ema_images}; 0: none, sample the "

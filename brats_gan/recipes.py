@@ -1,0 +1,65 @@
+"""Named training recipes: the optimizer settings and WGAN knobs that go together, chosen by measurement
+(``benchmarks/quality.py``, every run recorded in ``benchmarks/README.md``), not by guess.
+
+A recipe sets defaults only: a flag given on the command line (``--n-critic``, ``--augment-p``, ...) or a
+``--deepspeed-config`` file wins over it. Each preset names its recipe (``PRESET_RECIPES``); ``--recipe``
+picks another. A run records the recipe it used, with every resolved value, in ``training_options.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from brats_gan.models import ModelConfig, get_config
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a recipe sets: Adam's parameters (DeepSpeed's ``optimizer.params``), ``TrainingConfig`` fields and
+    ``ModelConfig`` fields."""
+
+    summary: str
+    adam: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+RECIPES: dict[str, Recipe] = {
+    "poster": Recipe(
+        summary="the poster's Adam (lr 2e-4, beta1 0.5, L2 weight decay 1e-3) with WGAN-GP's n_critic 5 and "
+                "lambda 10, and DiffAugment translation+cutout",
+        adam={"lr": 0.0002, "betas": [0.5, 0.999], "weight_decay": 0.001},
+        training={"n_critic": 5, "gp_lambda": 10.0, "augment": ("translation", "cutout"), "augment_p": 1.0},
+    ),
+    "wgan-gp": Recipe(
+        summary="the published WGAN-GP optimizer (Gulrajani et al. 2017: Adam lr 1e-4, betas (0, 0.9), no decay), "
+                "n_critic 5, lambda 10, DiffAugment translation+cutout",
+        adam={"lr": 0.0001, "betas": [0.0, 0.9], "weight_decay": 0.0},
+        training={"n_critic": 5, "gp_lambda": 10.0, "augment": ("translation", "cutout"), "augment_p": 1.0},
+    ),
+}
+
+# The recipe each preset trains with unless --recipe says otherwise; `paper` keeps the poster's.
+PRESET_RECIPES = {"paper": "poster", "tiny": "poster"}
+
+
+def preset_recipe(preset: str) -> str:
+    """The recipe ``preset`` trains with by default (its family's: ``tiny-resize`` is ``tiny``'s)."""
+    return PRESET_RECIPES["tiny" if preset.startswith("tiny") else "paper"]
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}") from None
+
+
+def model_config(preset: str, recipe: str | None = None, **given: Any) -> ModelConfig:
+    """The networks a run trains: the preset's, with its recipe's model fields, then ``given`` (the command
+    line's ``--upsample`` and the like, None meaning not given)."""
+    chosen = get_recipe(recipe or preset_recipe(preset))
+    return dataclasses.replace(get_config(preset), **chosen.model,
+                               **{k: v for k, v in given.items() if v is not None})
