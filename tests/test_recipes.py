@@ -1,0 +1,45 @@
+"""Recipes as a user meets them: a preset trains with its own, --recipe picks another, a flag given wins,
+a run records what it used, and a bad name is refused by field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from brats_gan.recipes import RECIPES, model_config, preset_recipe
+from brats_gan.train_config import ConfigError, build_options
+
+
+def options(tmp_path: Path, **given):
+    keyed = {("data", "store"): str(tmp_path / "store.zarr"),
+             **{("training", k): v for k, v in given.items()}}
+    return build_options(keyed, tmp_path / "run", resume=False, world_size=1)
+
+
+def test_each_preset_trains_with_its_recipe_unless_told_otherwise(tmp_path: Path) -> None:
+    paper = options(tmp_path, preset="paper").training
+    assert paper.recipe == "poster" == preset_recipe("paper")
+    adam = paper.deepspeed["optimizer"]["params"]
+    assert (adam["lr"], adam["betas"], adam["weight_decay"]) == (2e-4, [0.5, 0.999], 1e-3)
+    assert (paper.n_critic, paper.gp_lambda) == (5, 10.0)
+
+    tiny = options(tmp_path, preset="tiny-resize").training
+    assert tiny.recipe == preset_recipe("tiny")
+    recipe = RECIPES[tiny.recipe]
+    assert {k: tiny.deepspeed["optimizer"]["params"][k] for k in recipe.adam} == recipe.adam
+    assert all(getattr(tiny, k) == v for k, v in recipe.training.items())
+    assert tiny.model == model_config("tiny-resize", tiny.recipe)
+
+
+def test_a_flag_given_wins_over_the_recipe(tmp_path: Path) -> None:
+    chosen = options(tmp_path, preset="tiny", recipe="wgan-gp", n_critic=2, critic_mbstd_group=4).training
+    adam = chosen.deepspeed["optimizer"]["params"]
+    assert (adam["lr"], adam["betas"], adam["weight_decay"]) == (1e-4, [0.0, 0.9], 0.0)
+    assert chosen.n_critic == 2 and chosen.gp_lambda == RECIPES["wgan-gp"].training["gp_lambda"]
+    assert chosen.model.critic_mbstd_group == 4
+
+
+def test_an_unknown_recipe_is_refused_naming_the_flag(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--recipe \(training.recipe\): unknown recipe 'best'.*poster"):
+        options(tmp_path, preset="tiny", recipe="best")
