@@ -18,7 +18,7 @@ The contract (also in the README, "The store"):
   ``synthetic``, ``shard_crc32`` (each shard's CRC-32 as written; ``brats_gan.verify`` compares it) and,
   written last, ``complete: true``. ``brats_gan.store_writer`` is the one code that writes them.
 - synthetic stores (`brats-gan generate`) keep all of the above, with ``synthetic: true``, a
-  ``checkpoint`` attribute (run, step, preset), one subject per image (``synthetic-step<N>-seed<S>-<i>``),
+  ``checkpoint`` attribute (run, step, preset, weights: ema or raw), one subject per image (``synthetic-step<N>-seed<S>-<i>``),
   ``slice_index`` -1, ``tumour_fraction`` NaN and shards of 64 samples.
 """
 

@@ -1,3 +1,5 @@
+import re
+
 import xarray as xr
 from conftest import run_cli
 from PIL import Image
@@ -5,12 +7,20 @@ from PIL import Image
 
 def test_demo_runs_every_stage_and_replaces_only_its_own_folder(tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--subjects", "2", "--slices", "8", "--workers", "1", "--dashboard-port", "0",
-            "--steps", "2"]
+    args = ["demo", "--out", str(out), "--subjects", "2", "--heldout", "2", "--slices", "8", "--workers", "1",
+            "--dashboard-port", "0", "--steps", "2"]
     first = run_cli(*args, ok=True)
     real = xr.open_zarr(out / "store.zarr")
     assert real.attrs["complete"] and real.sizes["sample"] == 16 and len(set(real.subject.values)) == 2
     assert (out / "preview.png").stat().st_size > 1000 and "brats-gan info" in first.stdout
+    heldout = xr.open_zarr(out / "heldout.zarr")
+    assert heldout.attrs["complete"] and heldout.sizes["sample"] == 16
+    assert not set(heldout.subject.values) & set(real.subject.values), "held-out phantoms are other subjects"
+    measured = re.search(r"against the 2 held-out phantoms: SWD x1e3 ([\d.]+), real-vs-real floor ([\d.]+): "
+                         r"([\d.]+)x the floor", first.stdout)
+    assert measured, first.stdout
+    swd, floor, ratio = map(float, measured.groups())
+    assert swd > floor > 0 and abs(ratio - swd / floor) < 0.06, "two steps of training are far from real slices"
 
     run = out / "run"
     assert (run / "checkpoints" / "latest").read_text().strip() == "2"
@@ -19,6 +29,7 @@ def test_demo_runs_every_stage_and_replaces_only_its_own_folder(tmp_path):
 
     synthetic = xr.open_zarr(out / "synthetic.zarr")
     assert synthetic.attrs["synthetic"] is True and synthetic.attrs["complete"] is True
+    assert synthetic.attrs["checkpoint"]["weights"] == "ema", "the demo draws from the averaged generator"
     assert synthetic.attrs["checkpoint"]["step"] == 2 and synthetic.attrs["checkpoint"]["preset"] == "tiny"
     assert dict(synthetic.sizes) == {"sample": 64, "channel": 1, "y": 64, "x": 64}
     assert synthetic.channel.values.tolist() == real.channel.values.tolist() == ["flair"]

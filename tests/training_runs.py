@@ -56,11 +56,11 @@ def metric_steps(run: Path) -> list[int]:
 def model_states(run: Path, step: int) -> dict[str, dict]:
     import torch  # here, not at the top: conftest.py imports this module for every test session
 
-    folder = run / "checkpoints" / str(step)
-    states = {tag: torch.load(folder / tag / "mp_rank_00_model_states.pt", weights_only=True)
-              for tag in ("generator", "critic")}
-    if (folder / "generator_ema.pt").exists():  # the averaged generator (on by default)
-        states["generator_ema"] = torch.load(folder / "generator_ema.pt", weights_only=True)
+    from brats_gan.checkpoints import ENGINES, ema_weights_path, model_states_path
+
+    states = {tag: torch.load(model_states_path(run, step, tag), weights_only=True) for tag in ENGINES}
+    if ema_weights_path(run, step).exists():  # the averaged generator (on by default)
+        states["generator_ema"] = torch.load(ema_weights_path(run, step), weights_only=True)
     return states
 
 
