@@ -37,6 +37,13 @@ VARIANTS: dict[str, list[str]] = {
     "wgan-gp-mbstd": ["--preset", "tiny", "--recipe", "wgan-gp", "--critic-mbstd", "4"],
     "wgan-gp-augment-p0.5": ["--preset", "tiny", "--recipe", "wgan-gp", "--augment-p", "0.5"],
     "wgan-gp-lambda1": ["--preset", "tiny", "--recipe", "wgan-gp", "--gp-lambda", "1"],
+    "poster-ncritic2": ["--preset", "tiny", "--recipe", "poster", "--n-critic", "2"],
+    "poster-ncritic1": ["--preset", "tiny", "--recipe", "poster", "--n-critic", "1"],
+    "poster-ncritic2-nodropout": ["--preset", "tiny", "--recipe", "poster", "--n-critic", "2",
+                                  "--generator-dropout", "0"],
+    "poster-ncritic2-ema0.3": ["--preset", "tiny", "--recipe", "poster", "--n-critic", "2", "--ema-rampup", "0.3"],
+    "poster-ncritic2-resize": ["--preset", "tiny-resize", "--recipe", "poster", "--n-critic", "2"],
+    "poster-ncritic2-noaug": ["--preset", "tiny", "--recipe", "poster", "--n-critic", "2", "--augment", "none"],
 }
 METRICS = ("swd", "swd_floor", "checkerboard", "checkerboard_real", "ms_ssim_fake", "ms_ssim_real",
            "memorisation_share")
@@ -60,6 +67,8 @@ def make_stores(root: Path, train_subjects: int, heldout_subjects: int) -> tuple
     data = root / "MICCAI_BraTS2020_TrainingData"
     write_phantom_dataset(data, n_subjects=train_subjects + heldout_subjects, layout="2020", seed=0)
     train, heldout = root / "train.zarr", root / "heldout.zarr"
+    if train.exists() and heldout.exists():  # --keep of an earlier run: the same phantoms
+        return train, heldout
     common = ["--workers", "2", "--no-progress", "--dashboard-port", "0"]
     finish(brats_gan("preprocess", str(data), "--out", str(train), "--subjects", f"1-{train_subjects}", *common))
     finish(brats_gan("preprocess", str(data), "--out", str(heldout), "--subjects",
@@ -69,6 +78,7 @@ def make_stores(root: Path, train_subjects: int, heldout_subjects: int) -> tuple
 
 def train_all(jobs: list[tuple[str, int, Path]], train: Path, args: argparse.Namespace, env: dict[str, str]) -> None:
     """Each (variant, seed, run folder), ``--parallel`` at a time, for ``--seconds`` each or ``--steps``."""
+    jobs = [job for job in jobs if not (job[2] / "checkpoints" / "latest").exists()]  # --keep: measured as they are
     for first in range(0, len(jobs), args.parallel):
         procs = []
         for variant, seed, run in jobs[first:first + args.parallel]:
@@ -86,9 +96,9 @@ def train_all(jobs: list[tuple[str, int, Path]], train: Path, args: argparse.Nam
 
 
 def measure(run: Path, train: Path, heldout: Path, images: int, seed: int, env: dict[str, str]) -> dict:
-    fake = run.with_suffix(".zarr")
-    finish(brats_gan("generate", "--checkpoint", str(run), "--out", str(fake), "--num", str(images),
-                     "--seed", str(seed), "--grid", str(run.with_suffix(".png")), env=env))
+    fake, grid = run.parent / f"{run.name}.zarr", run.parent / f"{run.name}.png"
+    finish(brats_gan("generate", "--checkpoint", str(run), "--out", str(fake), "--num", str(images), "--overwrite",
+                     "--seed", str(seed), "--grid", str(grid), env=env))
     report = json.loads(finish(brats_gan("evaluate", "--real", str(heldout), "--fake", str(fake), "--train",
                                          str(train), "--json", "--seed", str(seed),
                                          "--metrics", "swd,checkerboard,ms_ssim,memorisation", env=env)
@@ -128,7 +138,8 @@ def main() -> None:
     parser.add_argument("--heldout-subjects", type=int, default=4, help="phantom subjects held out (default 4)")
     parser.add_argument("--images", type=int, default=256, help="slices generated per run (default 256)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (default 2)")
-    parser.add_argument("--keep", type=Path, default=None, help="keep the stores and runs in this folder")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the stores and runs in this folder; runs already there are measured, not retrained")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()
     if args.steps is None and args.seconds is None:

@@ -107,6 +107,7 @@ class TrainingConfig:
     upsample: str | None = None  # None: the preset's
     resize_mode: str | None = None  # None: the preset's
     critic_mbstd_group: int | None = None  # None: the preset's and recipe's
+    generator_dropout: float | None = None  # None: the preset's and recipe's
     deepspeed_config: str | None = None
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
@@ -156,6 +157,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--augment": ("training", "augment"), "--augment-p": ("training", "augment_p"),
     "--ema-images": ("training", "ema_images"), "--ema-rampup": ("training", "ema_rampup"), "--upsample": ("training", "upsample"),
     "--resize-mode": ("training", "resize_mode"), "--critic-mbstd": ("training", "critic_mbstd_group"),
+    "--generator-dropout": ("training", "generator_dropout"),
     "--deepspeed-config": ("training", "deepspeed_config"),
     "--out": ("checkpoint", "out"), "--checkpoint-every": ("checkpoint", "every"),
     "--keep-checkpoints": ("checkpoint", "keep"), "--sample-every": ("checkpoint", "sample_every"),
@@ -163,7 +165,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--checkpoint-on-signal": ("checkpoint", "on_signal"),
 }
 # Options that change the preset's network; None means the preset's own.
-MODEL_CHOICES = {("training", "upsample"), ("training", "resize_mode"), ("training", "critic_mbstd_group")}
+MODEL_CHOICES = {("training", "upsample"), ("training", "resize_mode"), ("training", "critic_mbstd_group"),
+                 ("training", "generator_dropout")}
 # What a resumed run may change; anything else would make it a different run.
 RESUMABLE_CHANGES = {("training", "steps"), ("checkpoint", "every"), ("checkpoint", "keep"),
                      ("checkpoint", "sample_every"), ("checkpoint", "samples"), ("data", "num_workers"),
@@ -225,8 +228,8 @@ def validate(options: Options) -> None:
     try:
         _ = t.model  # the preset with its recipe and --upsample/--resize-mode/--critic-mbstd, validated by ModelConfig
     except ValueError as err:
-        raise ConfigError(f"--upsample/--resize-mode/--critic-mbstd (training.upsample/resize_mode/"
-                          f"critic_mbstd_group): {err}") from None
+        raise ConfigError(f"--upsample/--resize-mode/--critic-mbstd/--generator-dropout (training.upsample/"
+                          f"resize_mode/critic_mbstd_group/generator_dropout): {err}") from None
     ds = t.deepspeed
     if t.loss == "wgan-clip" and (ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")):
         raise ConfigError("--loss wgan-clip clips the fp32 weights the optimizer owns only in fp32; "

@@ -66,6 +66,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--critic-mbstd", type=int, metavar="N",
                      help="end the critic with a minibatch standard-deviation feature over groups of N images "
                           "(Karras et al. 2018), against too little variety (default: the recipe's; 0: none)")
+    run.add_argument("--generator-dropout", type=float, metavar="P",
+                     help="dropout after each of the generator's upsampling layers, the poster's 0.1 (default: the "
+                          "recipe's; 0: none). Sampling runs without it")
     run.add_argument("--deepspeed-config", metavar="JSON",
                      help="DeepSpeed config for both engines (default: the recipe's Adam in fp32, micro-batch 8; "
                           "the tiny presets use deepspeed_configs/tiny.json's micro-batch of 4)")
