@@ -162,8 +162,8 @@ def train(args: argparse.Namespace, preset: str, store: Path, work: Path) -> dic
             swept = sweep_shm(port)
     rows = read_metrics(run)
     images = [float(r["images_per_s"]) for r in rows]
-    per_step = args.micro_batch[preset] * args.ranks * int(json.loads((run / "training_options.json").read_text())
-                                                           ["training"]["n_critic"])
+    n_critic = int(json.loads((run / "training_options.json").read_text())["training"]["n_critic"])
+    per_step = args.micro_batch[preset] * args.ranks * n_critic
     span = float(rows[-1]["time"]) - float(rows[0]["time"]) if len(rows) > 1 else 0.0
     return {
         "run": str(run),
@@ -172,6 +172,7 @@ def train(args: argparse.Namespace, preset: str, store: Path, work: Path) -> dic
         "stopped_by": stop,
         "stop_s": round(time.monotonic() - stopped, 2),
         "exit_status": proc.returncode,
+        "n_critic": n_critic,
         "shm_buffers_swept": swept,
         "step_images_per_s": round(statistics.median(images), 2) if images else None,
         "end_to_end_images_per_s": round(per_step * (len(rows) - 1) / span, 2) if span > 0 else None,
@@ -179,11 +180,12 @@ def train(args: argparse.Namespace, preset: str, store: Path, work: Path) -> dic
     }
 
 
-def baseline(args: argparse.Namespace, preset: str) -> dict[str, Any]:
-    """``train_step.py`` for the same preset, dtype and micro-batch, its JSON line."""
+def baseline(args: argparse.Namespace, preset: str, n_critic: int) -> dict[str, Any]:
+    """``train_step.py`` for the same preset, dtype, micro-batch and critic steps as the run, its JSON line."""
     say(f"baseline: benchmarks/train_step.py --preset {preset} --dtype {args.dtype}")
     command = [sys.executable, str(TRAIN_STEP), "--preset", preset, "--dtype", args.dtype,
-               "--batch-size", str(args.micro_batch[preset]), "--json", "--seed", str(args.seed),
+               "--batch-size", str(args.micro_batch[preset]), "--n-critic", str(n_critic), "--json",
+               "--seed", str(args.seed),
                *(["--steps", str(args.baseline_steps)] if args.baseline_steps else [])]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=3600, check=False, cwd=REPO)
     if proc.returncode != 0:
@@ -223,7 +225,7 @@ def judge(args: argparse.Namespace, preset: str, run: Path, train_store: Path, h
 
 def run_preset(args: argparse.Namespace, preset: str, train_store: Path, heldout: Path, work: Path) -> dict[str, Any]:
     training = train(args, preset, train_store, work)
-    base = baseline(args, preset)
+    base = baseline(args, preset, training["n_critic"])
     for key in ("step", "end_to_end"):
         figure = training[f"{key}_images_per_s"]
         training[f"{key}_share_of_train_step"] = (round(figure / base["train_step_images_per_s"], 3)

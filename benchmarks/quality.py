@@ -44,6 +44,12 @@ VARIANTS: dict[str, list[str]] = {
     "poster-ncritic2-ema0.3": ["--preset", "tiny", "--recipe", "poster", "--n-critic", "2", "--ema-rampup", "0.3"],
     "poster-ncritic2-resize": ["--preset", "tiny-resize", "--recipe", "poster", "--n-critic", "2"],
     "poster-ncritic2-noaug": ["--preset", "tiny", "--recipe", "poster", "--n-critic", "2", "--augment", "none"],
+    "poster-ncritic1-nodropout": ["--preset", "tiny", "--recipe", "poster", "--n-critic", "1",
+                                  "--generator-dropout", "0"],
+    "poster-ncritic1-nodropout-noaug": ["--preset", "tiny", "--recipe", "poster", "--n-critic", "1",
+                                        "--generator-dropout", "0", "--augment", "none"],
+    "one-critic": ["--preset", "tiny", "--recipe", "one-critic"],
+    "one-critic-ncritic2": ["--preset", "tiny", "--recipe", "one-critic", "--n-critic", "2"],
 }
 METRICS = ("swd", "swd_floor", "checkerboard", "checkerboard_real", "ms_ssim_fake", "ms_ssim_real",
            "memorisation_share")

@@ -79,7 +79,7 @@ Batches = Iterator[tuple[Position, torch.Tensor]]
 class DeepSpeedSide:
     """What ``Trainer.train_step`` runs: the phases (``brats_gan.loss.WGANLoss``) on two engines built by
     ``brats_gan.train.build_engine`` from the recipe, and the step's all-reduce of its figures. Loss and
-    augmentation as the baseline: WGAN-GP, no DiffAugment (the trainer's default augments)."""
+    augmentation as the baseline: WGAN-GP, no DiffAugment (as the tiny presets' recipe; `paper`'s augments)."""
 
     def __init__(self, preset: str, config: dict[str, Any], device: str, n_critic: int, batch_size: int,
                  seed: int) -> None:

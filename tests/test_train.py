@@ -478,7 +478,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     image[sample, 0, 100, 100] = np.nan
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "brats_gan.train", "--store", str(poisoned), "--out", str(run),
-                           "--preset", "tiny", "--steps", "6", "--checkpoint-every", "1",
+                           "--preset", "tiny", "--recipe", "poster", "--steps", "6", "--checkpoint-every", "1",
                            "--no-verify-store"],  # else the NaN is refused before step 1 (test_verify.py)
                           check=False, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # 2 threads stall when other jobs share the cores

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "tiny", "--seed", "0", "--checkpoint-every", "3"]
+TINY = ["--preset", "tiny", "--recipe", "poster", "--seed", "0", "--checkpoint-every", "3"]  # five critic steps a step
 UNINTERRUPTED_STEPS = 12
 LAUNCH_TIMEOUT = 300
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from brats_gan.errors import UserError
 
 MARKER = ".brats-gan-demo"
-DEFAULT_STEPS = 150
+DEFAULT_STEPS = 2000
 SYNTHETIC = 64
 STAGES = 6
 
