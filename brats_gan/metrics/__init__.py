@@ -20,10 +20,9 @@ from brats_gan.metrics.checkerboard import (
     checkerboard_levels,
     checkerboard_points,
     checkerboard_score,
-    mean_power_spectrum,
     spectrum_checkerboard_levels,
 )
-from brats_gan.metrics.common import expand_channels, progress
+from brats_gan.metrics.common import expand_channels, mean_power_spectrum, progress
 from brats_gan.metrics.inception import (
     FID_EXTRA_HELP,
     INCEPTION_FILE,

@@ -9,21 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from brats_gan.metrics.common import _batches
+from brats_gan.metrics.common import mean_power_spectrum
 from brats_gan.metrics.registry import EvalData, register_metric
-
-
-def mean_power_spectrum(images: np.ndarray | torch.Tensor) -> np.ndarray:
-    """|FFT|^2 of every image and channel minus its mean, as a share of its own total power, averaged over the
-    set (unshifted, float64, sums to 1). Normalising each image first makes every slice count alike, so a few
-    high-contrast slices do not hide how the rest look."""
-    x = torch.as_tensor(images)
-    total = torch.zeros(x.shape[-2:], dtype=torch.float64)
-    for part in _batches(x.shape[0], 128):
-        b = x[part].double()
-        power = torch.fft.fft2(b - b.mean(dim=(-2, -1), keepdim=True)).abs().square()
-        total += (power / power.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-30)).sum(dim=(0, 1))
-    return (total / (x.shape[0] * x.shape[1])).numpy()
 
 
 def checkerboard_points(size: int) -> list[np.ndarray]:

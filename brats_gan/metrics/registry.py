@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from brats_gan.metrics.common import mean_power_spectrum
+
 
 @dataclass
 class ImageSet:
@@ -36,8 +38,6 @@ class ImageSet:
     @functools.cached_property
     def power_spectrum(self) -> np.ndarray:
         """:func:`mean_power_spectrum` of the set, computed once for the checkerboard score and the report."""
-        from brats_gan.metrics.checkerboard import mean_power_spectrum
-
         return mean_power_spectrum(self.images)
 
 
