@@ -25,6 +25,7 @@ class AveragedGenerator:
     """An fp32 copy of ``module`` that :meth:`update` moves towards the live weights after each generator step."""
 
     def __init__(self, module: torch.nn.Module, half_life_images: float, rampup: float | None = 0.05) -> None:
+        """``rampup`` None or 0: no ramp-up."""
         if half_life_images <= 0:
             raise ValueError(f"half_life_images must be positive, got {half_life_images}")
         self.half_life_images = float(half_life_images)
@@ -34,7 +35,7 @@ class AveragedGenerator:
     def beta(self, images_seen: int, batch: int) -> float:
         """The weight the average keeps at this step: ``0.5 ** (batch / half-life)``, with the ramped half-life."""
         half_life = self.half_life_images
-        if self.rampup is not None:
+        if self.rampup:
             half_life = min(half_life, images_seen * self.rampup)
         return 0.5 ** (batch / max(half_life, 1e-8))
 

@@ -26,11 +26,13 @@ class Recipe:
     model: dict[str, Any] = field(default_factory=dict)
 
 
+POSTER_ADAM = {"lr": 0.0002, "betas": [0.5, 0.999], "weight_decay": 0.001}
+
 RECIPES: dict[str, Recipe] = {
     "poster": Recipe(
         summary="the poster's Adam (lr 2e-4, beta1 0.5, L2 weight decay 1e-3) with WGAN-GP's n_critic 5 and "
                 "lambda 10, and DiffAugment translation+cutout",
-        adam={"lr": 0.0002, "betas": [0.5, 0.999], "weight_decay": 0.001},
+        adam=POSTER_ADAM,
         training={"n_critic": 5, "gp_lambda": 10.0, "augment": ("translation", "cutout"), "augment_p": 1.0},
     ),
     "wgan-gp": Recipe(
@@ -43,7 +45,7 @@ RECIPES: dict[str, Recipe] = {
         summary="the poster's Adam with one critic step per generator step, no DiffAugment and no generator "
                 "dropout: the best of 14 variants on the tiny phantoms at equal wall time (3 seeds; "
                 "benchmarks/README.md)",
-        adam={"lr": 0.0002, "betas": [0.5, 0.999], "weight_decay": 0.001},
+        adam=POSTER_ADAM,
         training={"n_critic": 1, "gp_lambda": 10.0, "augment": (), "augment_p": 1.0},
         model={"generator_dropout": 0.0},
     ),
@@ -53,9 +55,15 @@ RECIPES: dict[str, Recipe] = {
 PRESET_RECIPES = {"paper": "poster", "tiny": "one-critic"}
 
 
+def preset_family(preset: str) -> str:
+    """``tiny`` or ``paper``: the presets a variant (``tiny-resize``, ``paper-faithful``) shares recipes and
+    DeepSpeed defaults with."""
+    return "tiny" if preset.startswith("tiny") else "paper"
+
+
 def preset_recipe(preset: str) -> str:
-    """The recipe ``preset`` trains with by default (its family's: ``tiny-resize`` is ``tiny``'s)."""
-    return PRESET_RECIPES["tiny" if preset.startswith("tiny") else "paper"]
+    """The recipe ``preset`` trains with by default (its family's)."""
+    return PRESET_RECIPES[preset_family(preset)]
 
 
 def get_recipe(name: str) -> Recipe:

@@ -29,7 +29,7 @@ from brats_gan.checkpoints import (
 from brats_gan.data import DEFAULT_RUN_LENGTH, DEFAULT_WINDOW_BATCHES
 from brats_gan.errors import UserError
 from brats_gan.models import ModelConfig, get_config
-from brats_gan.recipes import get_recipe, model_config, preset_recipe
+from brats_gan.recipes import get_recipe, model_config, preset_family, preset_recipe
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,10 @@ _ADAM_FIXED = {"eps": 1e-08, "torch_adam": True, "adam_w_mode": False}  # L2 dec
 _MICRO_BATCH = {"paper": 8, "tiny": 4}
 
 
-def _family(preset: str) -> str:
-    return "tiny" if preset.startswith("tiny") else "paper"
-
-
 def default_deepspeed(preset: str, recipe: str | None = None) -> dict[str, Any]:
     """The DeepSpeed config of ``preset`` trained with ``recipe`` (default: the preset's)."""
     adam = get_recipe(recipe or preset_recipe(preset)).adam
-    return {"train_micro_batch_size_per_gpu": _MICRO_BATCH[_family(preset)], "gradient_accumulation_steps": 1,
+    return {"train_micro_batch_size_per_gpu": _MICRO_BATCH[preset_family(preset)], "gradient_accumulation_steps": 1,
             "optimizer": {"type": "Adam", "params": {**copy.deepcopy(adam), **_ADAM_FIXED}},
             "gradient_clipping": 0.0, "steps_per_print": 1_000_000_000, "wall_clock_breakdown": False}
 
@@ -151,11 +147,13 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--store": ("data", "store"), "--channels": ("data", "channels"), "--cache": ("data", "cache"),
     "--num-workers": ("data", "num_workers"), "--run-length": ("data", "run_length"),
     "--window-batches": ("data", "window_batches"), "--verify-store": ("data", "verify"),
-    "--preset": ("training", "preset"), "--recipe": ("training", "recipe"), "--steps": ("training", "steps"), "--seed": ("training", "seed"),
+    "--preset": ("training", "preset"), "--recipe": ("training", "recipe"), "--steps": ("training", "steps"),
+    "--seed": ("training", "seed"),
     "--loss": ("training", "loss"), "--n-critic": ("training", "n_critic"),
     "--gp-lambda": ("training", "gp_lambda"), "--clip-value": ("training", "clip_value"),
     "--augment": ("training", "augment"), "--augment-p": ("training", "augment_p"),
-    "--ema-images": ("training", "ema_images"), "--ema-rampup": ("training", "ema_rampup"), "--upsample": ("training", "upsample"),
+    "--ema-images": ("training", "ema_images"), "--ema-rampup": ("training", "ema_rampup"),
+    "--upsample": ("training", "upsample"),
     "--resize-mode": ("training", "resize_mode"), "--critic-mbstd": ("training", "critic_mbstd_group"),
     "--generator-dropout": ("training", "generator_dropout"),
     "--deepspeed-config": ("training", "deepspeed_config"),

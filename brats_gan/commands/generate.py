@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from brats_gan.checkpoints import WEIGHTS
 from brats_gan.generate import DEFAULT_BATCH, GRID_MAX, generate
 
 
@@ -15,7 +16,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--which", choices=("latest", "best"), default="latest",
                    help="checkpoint: the newest complete one (latest, default) or the one with the lowest SWD "
                         "measured during training (best)")
-    p.add_argument("--weights", choices=("ema", "raw"), default=None,
+    p.add_argument("--weights", choices=WEIGHTS, default=None,
                    help="the averaged generator (ema: default when the checkpoint has one; cleaner images) or the "
                         "trained weights of that step (raw)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (overrides --which)")

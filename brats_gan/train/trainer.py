@@ -40,11 +40,11 @@ from brats_gan import locks, schema
 from brats_gan.checkpoints import (
     BEST,
     CHECKPOINTS,
-    EMA_WEIGHTS,
     LATEST,
     TRAINER_STATE,
     atomic_write_text,
     checkpoint_steps,
+    ema_weights_path,
     move_aside,
     read_latest,
     recorded_swd,
@@ -164,7 +164,7 @@ class Trainer:
         self.critic = build_engine(critic, "critic", self.t.deepspeed, self.run_dir)
         self.phases = engine_loss(self.generator, self.critic, self.t, device)
         self.dtype = self.phases.dtype
-        self.ema = (AveragedGenerator(self.generator.module, self.t.ema_images, self.t.ema_rampup or None)
+        self.ema = (AveragedGenerator(self.generator.module, self.t.ema_images, self.t.ema_rampup)
                     if self.t.ema_images else None)
         self.generator_batch = self.stream.batch_size * env.world_size  # generated images per step, all ranks
         self.fixed_noise = torch.randn(self.c.samples, self.model_config.latent_dim,
@@ -294,7 +294,7 @@ class Trainer:
             _save_atomic(rng_state(), folder / f"rng_rank{self.env.rank}.pt")
             if self.is_main:
                 if self.ema is not None:
-                    _save_atomic({"module": self.ema.state_dict()}, folder / EMA_WEIGHTS)
+                    _save_atomic({"module": self.ema.state_dict()}, ema_weights_path(self.run_dir, self.step))
                 state = {"step": self.step, "epoch": self.position.epoch, "batch": self.position.batch,
                          "world_size": self.env.world_size, "micro_batch": self.stream.batch_size,
                          "seed": self.t.seed, "preset": self.t.preset, "swd": swd, "ema": self.ema is not None,
@@ -349,13 +349,14 @@ class Trainer:
                 raise RuntimeError(f"DeepSpeed could not load {folder / tag}")
         state = json.loads((folder / TRAINER_STATE).read_text())
         if self.ema is not None:
-            if (folder / EMA_WEIGHTS).is_file():
-                self.ema.load_state_dict(torch.load(folder / EMA_WEIGHTS, map_location=self.device,
+            saved_average = ema_weights_path(self.run_dir, step)
+            if saved_average.is_file():
+                self.ema.load_state_dict(torch.load(saved_average, map_location=self.device,
                                                     weights_only=True)["module"])
             else:
                 log.warning("checkpoint %d holds no averaged generator (written without one): the average "
                             "starts from its weights", step)
-                self.ema = AveragedGenerator(self.generator.module, self.t.ema_images, self.t.ema_rampup or None)
+                self.ema.load_state_dict(self.generator.module.state_dict())
         self.step = int(state["step"])
         self.position = Position(int(state["epoch"]), int(state["batch"]))
         set_rng_state(torch.load(folder / f"rng_rank{self.env.rank}.pt", weights_only=True))
