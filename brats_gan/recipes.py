@@ -77,5 +77,5 @@ def model_config(preset: str, recipe: str | None = None, **given: Any) -> ModelC
     """The networks a run trains: the preset's, with its recipe's model fields, then ``given`` (the command
     line's ``--upsample`` and the like, None meaning not given)."""
     chosen = get_recipe(recipe or preset_recipe(preset))
-    return dataclasses.replace(get_config(preset), **chosen.model,
-                               **{k: v for k, v in given.items() if v is not None})
+    return dataclasses.replace(get_config(preset),
+                               **{**chosen.model, **{k: v for k, v in given.items() if v is not None}})

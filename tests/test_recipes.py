@@ -38,6 +38,13 @@ def test_a_flag_given_wins_over_the_recipe(tmp_path: Path) -> None:
     assert (adam["lr"], adam["betas"], adam["weight_decay"]) == (1e-4, [0.0, 0.9], 0.0)
     assert chosen.n_critic == 2 and chosen.gp_lambda == RECIPES["wgan-gp"].training["gp_lambda"]
     assert chosen.model.critic_mbstd_group == 4
+    own = options(tmp_path, preset="tiny", recipe="one-critic", generator_dropout=0.1).training
+    assert RECIPES["one-critic"].model["generator_dropout"] == 0.0 and own.model.generator_dropout == 0.1
+
+
+def test_a_bad_network_flag_is_refused_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--generator-dropout.*generator_dropout must be a float in \[0, 1\)"):
+        options(tmp_path, preset="tiny", generator_dropout=1.5)
 
 
 def test_an_unknown_recipe_is_refused_naming_the_flag(tmp_path: Path) -> None:
