@@ -42,6 +42,13 @@ class Subject:
         match = _NUMBER.search(self.id)
         return int(match.group(1)) if match else None
 
+    @property
+    def naming(self) -> str:
+        """The ID without its case number ("BraTS20_Training_", "BraTS-GLI-"): numbers count cases within
+        one naming, so in a folder mixing namings a bare number names several patients."""
+        match = _NUMBER.search(self.id)
+        return self.id[: match.start()] if match else self.id
+
 
 def subject_id(layout: str, number: int) -> str:
     """The subject folder name BraTS uses in ``layout`` (what :func:`discover_subjects` finds)."""
@@ -146,10 +153,18 @@ def parse_selection(spec: str) -> tuple[set[str], list[tuple[int, int]]]:
 
 
 def select_subjects(subjects: list[Subject], spec: str | None) -> list[Subject]:
-    """Keep the subjects named by ``spec`` (IDs and/or case-number ranges such as the poster's 001-015)."""
-    if not spec:
+    """Keep the subjects named by ``spec`` (IDs and/or case-number ranges such as the poster's 001-015);
+    None takes them all. A selection that names nothing, or a case number that names patients of two
+    namings (a folder mixing BraTS releases), is refused rather than guessed."""
+    if spec is None:
         return list(subjects)
+    if not spec.strip(" ,"):
+        raise DiscoveryError(f"--subjects {spec!r} names no subject; give IDs or case numbers such as 001-015, "
+                             "or leave --subjects out to take every subject")
     ids, ranges = parse_selection(spec)
+    for a, b in ranges:
+        _refuse_ambiguous_numbers(spec, [s for s in subjects if s.number is not None and a <= s.number <= b],
+                                  f"case number {a} matches" if a == b else f"case numbers {a}-{b} match")
     chosen = [
         s for s in subjects
         if s.id in ids or (s.number is not None and any(a <= s.number <= b for a, b in ranges))
@@ -160,3 +175,15 @@ def select_subjects(subjects: list[Subject], spec: str | None) -> list[Subject]:
     if not chosen:
         raise DiscoveryError(f"--subjects {spec!r} matches none of the {len(subjects)} subjects found")
     return chosen
+
+
+def _refuse_ambiguous_numbers(spec: str, matched: list[Subject], numbers: str) -> None:
+    namings = sorted({s.naming for s in matched})
+    if len(namings) < 2:
+        return
+    firsts = [next(s.id for s in matched if s.naming == naming) for naming in namings]
+    raise DiscoveryError(
+        f"--subjects {spec}: {numbers} subjects of {len(namings)} BraTS namings in this folder "
+        f"({', '.join(n + '*' for n in namings)}), e.g. {' and '.join(firsts)}; a case number names a patient only "
+        f"within one naming, so give full IDs instead (e.g. --subjects {firsts[-1]})"
+    )

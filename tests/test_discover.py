@@ -1,5 +1,6 @@
 
 import pytest
+from conftest import run_cli
 
 from brats_gan.discover import DiscoveryError, discover_subjects, select_subjects
 from brats_gan.phantoms import write_phantom_dataset
@@ -76,3 +77,39 @@ def test_ambiguous_or_directory_modality_files_are_reported_never_guessed(tmp_pa
     assert prepare_subject(subjects[second.name], config).error == f"{flair.name} is a directory, not a NIfTI file"
     assert prepare_subject(subjects[third.name], config).error is None
     assert "flair" in subjects[first.name].problems and "t1" in subjects[first.name].files
+
+
+@pytest.mark.parametrize("spec", ["", " ", ",", " , "])
+def test_an_empty_subject_selection_is_refused_not_taken_as_every_subject(tmp_path, spec):
+    write_phantom_dataset(tmp_path / "data", n_subjects=2, layout="2020", shape=(24, 24, 16), modalities=("flair",),
+                          with_seg=False)
+    out = tmp_path / "s.zarr"
+    proc = run_cli("preprocess", tmp_path / "data", "--out", out, "--subjects", spec, "--workers", "1",
+                   "--dashboard-port", "0")
+    assert proc.returncode == 2, proc.output
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == (f"brats-gan preprocess: error: --subjects {spec!r} names no subject; give IDs or case numbers "
+                    "such as 001-015, or leave --subjects out to take every subject")
+    assert "dashboard" not in proc.stdout and not out.exists(), "refused before any work"
+    assert len(select_subjects(discover_subjects(tmp_path / "data"), None)) == 2, "no --subjects: every subject"
+
+
+def test_a_case_number_shared_by_two_layouts_in_one_folder_is_refused_and_full_ids_work(tmp_path):
+    write_phantom_dataset(tmp_path, n_subjects=3, layout="2020", shape=(24, 24, 16), modalities=("flair",),
+                          with_seg=False)
+    write_phantom_dataset(tmp_path, n_subjects=2, layout="2023", shape=(24, 24, 16), modalities=("flair",),
+                          with_seg=False)
+    subjects = discover_subjects(tmp_path)
+    assert len(subjects) == 5
+    for spec, numbers in [("1", "case number 1 matches"), ("001-015", "case numbers 1-15 match"),
+                          ("BraTS20_Training_003,2", "case number 2 matches")]:
+        with pytest.raises(DiscoveryError) as refused:
+            select_subjects(subjects, spec)
+        message = str(refused.value)
+        assert message.startswith(f"--subjects {spec}: {numbers} subjects of 2 BraTS namings"), message
+        assert "BraTS-GLI-*, BraTS20_Training_*" in message and "give full IDs" in message
+    assert "BraTS-GLI-00001-000 and BraTS20_Training_001" in str(pytest.raises(
+        DiscoveryError, select_subjects, subjects, "1").value)
+    assert [s.id for s in select_subjects(subjects, "BraTS20_Training_001,BraTS-GLI-00002-000")] == [
+        "BraTS-GLI-00002-000", "BraTS20_Training_001"]
+    assert [s.id for s in select_subjects(subjects, "3")] == ["BraTS20_Training_003"], "only one naming has a 3"
