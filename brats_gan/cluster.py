@@ -31,6 +31,13 @@ class ClusterError(RuntimeError):
     """No cluster to work with: a bad worker count, an unreachable or malformed scheduler address."""
 
 
+def check_dashboard_port(port: int) -> None:
+    """0 asks for any free port; anything outside 0-65535 is refused (Dask would wrap 70000 round to 4464
+    and take -5 as "any free port")."""
+    if not 0 <= port <= 65535:
+        raise ClusterError(f"--dashboard-port {port} is not a port: give 1-65535, or 0 for any free port")
+
+
 @contextlib.contextmanager
 def dask_client(
     workers: int | None = None,
@@ -55,6 +62,7 @@ def dask_client(
 
     if workers is not None and workers < 1:
         raise ClusterError(f"--workers must be at least 1, got {workers}")
+    check_dashboard_port(dashboard_port)
     if scheduler:
         try:
             client = Client(scheduler, timeout=connect_timeout_s)

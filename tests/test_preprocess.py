@@ -299,3 +299,16 @@ def test_an_unforeseen_error_is_one_line_and_its_traceback_comes_with_v(store_fa
     assert line.startswith("brats-gan preview: error: ") and line.endswith("(run with -v for the traceback)")
     verbose = run_cli("-v", "preview", store, "--out", "/proc/grid.png")
     assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
+
+
+@pytest.mark.parametrize("command", ["preprocess", "demo"])
+@pytest.mark.parametrize("port", ["70000", "-5", "65536"])
+def test_a_dashboard_port_out_of_range_is_refused_by_name_before_any_work(tmp_path, phantoms_2020, command, port):
+    out = tmp_path / "out"
+    argv = (["preprocess", phantoms_2020, "--out", out, "--workers", "1"] if command == "preprocess"
+            else ["demo", "--out", out, "--steps", "1"])
+    proc = run_cli(*argv, "--dashboard-port", port)
+    assert proc.returncode == 2, proc.output
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == f"brats-gan {command}: error: --dashboard-port {port} is not a port: give 1-65535, or 0 for any free port"
+    assert "dashboard:" not in proc.stdout and not out.exists(), "refused before any cluster starts or file is written"

@@ -33,7 +33,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the phantoms, the training and the noise")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                    help=f"generator steps of the tiny training run (default {DEFAULT_STEPS})")
-    p.add_argument("--dashboard-port", type=int, default=8787)
+    p.add_argument("--dashboard-port", type=int, default=8787,
+                   help="Dask dashboard port, 0 for any free one (default 8787)")
 
 
 def train_tiny(store: Path, run: Path, steps: int, seed: int, verbose: bool) -> int:
@@ -61,7 +62,7 @@ def train_tiny(store: Path, run: Path, steps: int, seed: int, verbose: bool) -> 
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from brats_gan.cluster import dask_client
+    from brats_gan.cluster import ClusterError, check_dashboard_port, dask_client
     from brats_gan.discover import discover_subjects, select_subjects
     from brats_gan.evaluate import evaluate
     from brats_gan.generate import generate
@@ -76,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
     if args.heldout < 2:
         raise UserError(f"--heldout must be at least 2 (two real halves of whole subjects for the SWD floor), "
                         f"got {args.heldout}")
+    try:
+        check_dashboard_port(args.dashboard_port)
+    except ClusterError as err:
+        raise UserError(str(err)) from None
     started = time.perf_counter()
     out = Path(args.out)
     if out.exists():

@@ -29,7 +29,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--workers", type=int, help="start a local Dask cluster of N workers (default: one per core)")
     group.add_argument("--scheduler", metavar="ADDRESS", help="use an existing Dask scheduler, e.g. tcp://host:8786")
-    p.add_argument("--dashboard-port", type=int, default=8787, help="local cluster dashboard port (default 8787)")
+    p.add_argument("--dashboard-port", type=int, default=8787,
+                   help="local cluster dashboard port, 0 for any free one (default 8787)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an incomplete store with the same parameters")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
@@ -62,15 +63,16 @@ def _config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from brats_gan.cluster import ClusterError, dask_client
+    from brats_gan.cluster import ClusterError, check_dashboard_port, dask_client
     from brats_gan.discover import DiscoveryError, discover_subjects, select_subjects
     from brats_gan.preprocess import PreprocessError, check_output, run_preprocess
 
     config = _config(args)
     try:
+        check_dashboard_port(args.dashboard_port)
         subjects = select_subjects(discover_subjects(args.input), args.subjects)
         check_output(args.out, subjects, resume=args.resume, overwrite=args.overwrite)
-    except (DiscoveryError, PreprocessError) as err:
+    except (DiscoveryError, PreprocessError, ClusterError) as err:
         raise UserError(str(err)) from None
     print(f"{len(subjects)} subjects, modalities {', '.join(config.modalities)}, "
           f"{config.slices} slices each -> {args.out}")
