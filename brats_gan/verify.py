@@ -6,12 +6,18 @@ which training only shows as NaN losses far from the cause. So every shard is re
 hold finite values in [-1, 1] and, where the writer recorded them (``shard_crc32``), match the CRC-32 of
 the float16 pixels it wrote. Problems are named by subject.
 
+The metadata is checked too: zarr reads each array's description from the copy consolidated in the
+group's ``zarr.json``, so a deleted or changed ``image/zarr.json`` goes unseen by it, while readers that
+ignore consolidated metadata (another Zarr v3 library, ``use_consolidated=False``) cannot find ``image``
+at all. Each array must have its own ``zarr.json``, equal to its consolidated copy; problems are named by file.
+
 Shards are checked in parallel with Dask's threaded scheduler (zstd decoding and CRC-32 release the GIL);
 the trainer splits the shards between its ranks (``rank``, ``world_size``) so each reads only its part.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import zlib
@@ -45,7 +51,7 @@ class StoreCheck:
         """One line: the first ``most`` problems and how many more."""
         shown = "; ".join(f"{who}: {what}" for who, what in self.problems[:most])
         more = f"; and {len(self.problems) - most} more" if len(self.problems) > most else ""
-        return f"{self.path}: {len(self.problems)} damaged shard(s): {shown}{more}"
+        return f"{self.path}: {len(self.problems)} problem(s): {shown}{more}"
 
 
 def shard_checksum(images: np.ndarray) -> int:
@@ -57,8 +63,8 @@ def check_store(path: str | Path, *, rank: int = 0, world_size: int = 1, progres
                 threads: int | None = None) -> StoreCheck:
     """Read rank ``rank``'s share of the shards of a complete store (every ``world_size``-th, so ranks share
     the reading evenly; default: all) and check each, ``threads`` at a time (default: one per core; ranks
-    sharing a node pass their share, since each shard in flight holds its pixels); raises StoreError only
-    when the store's metadata cannot be read at all."""
+    sharing a node pass their share, since each shard in flight holds its pixels); rank 0 also checks each
+    array's own metadata document. Raises StoreError only when the store's metadata cannot be read at all."""
     import dask
     import zarr
 
@@ -100,12 +106,45 @@ def check_store(path: str | Path, *, rank: int = 0, world_size: int = 1, progres
     else:
         verdicts = dask.compute(*tasks, **options) if tasks else ()
     report = StoreCheck(str(path), n_shards, len(wanted), n, checksums)
+    if rank == 0:
+        report.problems.extend(metadata_problems(path))
     for i, verdict in zip(wanted, verdicts):
         if verdict is not None:
             report.problems.append((_who(subjects, i * length, min((i + 1) * length, n), i), verdict))
     report.seconds = time.perf_counter() - started
     log.debug("checked %d of %d shards of %s in %.2f s", len(wanted), n_shards, path, report.seconds)
     return report
+
+
+def metadata_problems(path: str | Path) -> list[tuple[str, str]]:
+    """``(file, what)`` for each array of the group's consolidated metadata (and ``image``) whose own
+    ``zarr.json`` is missing, unreadable or different from its consolidated copy; none for a store
+    that is not a local folder or keeps no consolidated metadata (then zarr reads the files themselves)."""
+    path = Path(path)
+    try:
+        group = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return []
+    consolidated = (group.get("consolidated_metadata") or {}).get("metadata") or {}
+    if not consolidated:
+        return []
+    problems = []
+    for name in sorted({*consolidated, schema.IMAGE}):
+        where = f"{name}/zarr.json"
+        try:
+            own = json.loads((path / name / "zarr.json").read_text())
+        except FileNotFoundError:
+            problems.append((where, f"missing: readers without consolidated metadata cannot see {name!r}; restore "
+                                    "the file from a copy of the store, or write the store again"))
+            continue
+        except (OSError, ValueError) as err:
+            problems.append((where, f"cannot be read ({type(err).__name__}: {err})"))
+            continue
+        if own != consolidated.get(name, own):
+            problems.append((where, f"differs from the copy consolidated in {path.name}/zarr.json, so readers "
+                                    f"disagree on {name!r}; restore it from a copy of the store, or write the "
+                                    "store again"))
+    return problems
 
 
 def _who(subjects: np.ndarray | None, a: int, b: int, shard: int) -> str:

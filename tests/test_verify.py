@@ -77,3 +77,26 @@ def test_training_refuses_a_damaged_store_before_its_first_step(sound: Path, tmp
     assert f"subject {subjects[4]} (shard 4)" in proc.stderr and "brats-gan info --verify" in proc.stderr
     assert "Traceback" not in proc.output
     assert not (run / "metrics.csv").exists(), "refused before any step"
+
+
+@pytest.mark.parametrize("damage", ["image deleted", "subject deleted", "image changed"])
+def test_an_array_metadata_document_deleted_or_changed_is_named(sound: Path, tmp_path: Path, damage: str) -> None:
+    """zarr itself reads the copy consolidated in the group's zarr.json, so it still sees the array; readers
+    without consolidated metadata do not, or see another array."""
+    store, _, _ = damaged_copy(sound, tmp_path)
+    name = damage.split()[0]
+    document = store / name / "zarr.json"
+    if damage.endswith("deleted"):
+        document.unlink()
+        expected = f"missing: readers without consolidated metadata cannot see {name!r}"
+    else:
+        meta = json.loads(document.read_text())
+        meta["shape"][0] -= 8
+        document.write_text(json.dumps(meta))
+        expected = f"differs from the copy consolidated in copy.zarr/zarr.json, so readers disagree on {name!r}"
+    status, result = verify(store)
+    assert status == 1 and not result["ok"], result
+    assert [(p["where"], p["problem"].split(";")[0]) for p in result["problems"]] == [(f"{name}/zarr.json", expected)]
+    shown = run_cli("info", store, "--verify")
+    assert shown.returncode == 1 and "verify: DAMAGED" in shown.stdout
+    assert f"  {name}/zarr.json: {expected}" in shown.stderr and "Traceback" not in shown.output
