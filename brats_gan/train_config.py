@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from brats_gan import schema
 from brats_gan.augment import parse_policy
 from brats_gan.checkpoints import (
     CHECKPOINTS,
@@ -24,6 +26,7 @@ from brats_gan.checkpoints import (
     RunFolderError,
     read_options,
     resume_plan,
+    unwritable,
     usable_checkpoint,
 )
 from brats_gan.data import DEFAULT_RUN_LENGTH, DEFAULT_WINDOW_BATCHES
@@ -34,6 +37,7 @@ from brats_gan.recipes import get_recipe, model_config, preset_family, preset_re
 log = logging.getLogger(__name__)
 
 LOSSES = ("wgan-gp", "wgan-clip")
+STORE_IDENTITY = "store_identity"  # training_options.json: the store the run trains on (store_identity())
 CHECKPOINT_SWD_MIN_IMAGES = 16  # --swd-images: fewer make the SWD too noisy to choose the best checkpoint by
 
 # The DeepSpeed configs when --deepspeed-config is not given: the preset family's micro-batch, fp32, and
@@ -331,7 +335,7 @@ def build_options(given: dict[tuple[str, str], Any], out: str | Path, resume: bo
         try:
             saved = read_options(out)
         except RunFolderError as err:
-            raise ConfigError(f"--resume: {err}") from None
+            raise ConfigError(f"--resume: {err}; --out names the run to continue") from None
         sections = {name: dict(saved[name]) for name in ("data", "training", "checkpoint")}
         sections["training"].setdefault("recipe", "poster")  # runs from before recipes had the poster's
         if ("training", "deepspeed_config") in given:
@@ -349,6 +353,7 @@ def build_options(given: dict[tuple[str, str], Any], out: str | Path, resume: bo
                 raise ConfigError(f"--resume: {_flag(key)} {value!r} differs from the run's {old!r}; "
                                   "a resumed run keeps its settings (start a new run to change them)")
             sections[key[0]][key[1]] = value
+        check_resumed_store(saved, sections["data"]["store"], ("data", "store") in given)
         if sections["data"].get("channels") is not None:
             sections["data"]["channels"] = tuple(sections["data"]["channels"])
         sections["training"]["augment"] = tuple(sections["training"].get("augment", ()))
@@ -377,15 +382,103 @@ def build_options(given: dict[tuple[str, str], Any], out: str | Path, resume: bo
     return options
 
 
+def store_identity(summary: schema.StoreSummary) -> dict[str, Any]:
+    """What makes a store the one a run trained on, recorded in ``training_options.json``: its channels, its
+    image shape and a digest of its shard checksums (the pixels as written), or, for a store written
+    without checksums, when it was created. A copy or a move keeps all of them; preprocessing again with
+    other data or channels changes them."""
+    crc = summary.attrs.get("shard_crc32")
+    digest = hashlib.sha256(json.dumps([int(c) for c in crc]).encode()).hexdigest() if crc else None
+    return {"channels": list(summary.channels), "shape": list(summary.image_shape), "shard_crc32_sha256": digest,
+            "created": summary.attrs.get("created")}
+
+
+def _channels(names: list[str]) -> str:
+    return f"{len(names)} channel{'' if len(names) == 1 else 's'} ({', '.join(names)})"
+
+
+def _samples(shape: Any) -> str:
+    n, _, y, x = shape
+    return f"{n} samples of {y}x{x}"
+
+
+def store_difference(recorded: dict[str, Any], summary: schema.StoreSummary) -> str | None:
+    """How the store of ``summary`` differs from the one a run recorded (:func:`store_identity`); None if
+    it is the same."""
+    now = store_identity(summary)
+    had = [str(c) for c in recorded.get("channels", [])]
+    if had != now["channels"]:
+        return (f"the run trained on a store of {_channels(had)}; {summary.path} holds {_channels(now['channels'])}")
+    if list(recorded.get("shape", [])) != now["shape"]:
+        return f"the run's store held {_samples(recorded.get('shape'))}; {summary.path} holds {_samples(now['shape'])}"
+    if recorded.get("shard_crc32_sha256") and now["shard_crc32_sha256"]:
+        if recorded["shard_crc32_sha256"] != now["shard_crc32_sha256"]:
+            return f"{summary.path} holds other pixels (its shard checksums differ from those of the run's store)"
+        return None
+    if recorded.get("created") != now["created"]:
+        return f"{summary.path} was created at {now['created']}, the run's store at {recorded.get('created')}"
+    return None
+
+
+def check_resumed_store(saved: dict[str, Any], store: str, given: bool) -> None:
+    """Refuse to resume a run on another store than the one it trained on: given by ``--store`` (``given``)
+    or changed in place (preprocessed again, other channels). A store moved or copied elsewhere is the same
+    store when it matches the identity the run recorded (:func:`store_identity`); a run from before runs
+    recorded one is compared with the store at its recorded path, which must then still be there."""
+    old = str(saved["data"]["store"])
+    try:
+        summary = schema.read_summary(store)
+    except schema.StoreError as err:
+        if given:
+            raise ConfigError(f"--store: {err}") from None
+        raise ConfigError(f"--resume: the run's store {err}; if it moved, pass its new place with --store") from None
+    same_path = Path(store).resolve() == Path(old).resolve()
+    recorded = saved.get(STORE_IDENTITY)
+    if not isinstance(recorded, dict):
+        if same_path:
+            return  # a run from before the identity was recorded: nothing to compare with
+        try:
+            recorded = store_identity(schema.read_summary(old))
+        except schema.StoreError:
+            raise ConfigError(f"--resume: --store {store} is not the path of the run's store {old}, which is gone, "
+                              "and this run (from before runs recorded their store's checksums) cannot tell whether "
+                              f"it is the same store: put it back at {old} (a symlink will do) and resume without "
+                              f"--store, or start a new run in a new --out folder to train on {store}") from None
+    difference = store_difference(recorded, summary)
+    if difference is None:
+        if not same_path:
+            log.info("--store %s holds the run's store %s (same channels, shape and shard checksums): resuming on it",
+                     store, old)
+        return
+    if same_path:
+        raise ConfigError(f"--resume: the run's store {old} has changed since the run started: {difference}; a "
+                          "resumed run continues on the data it started with: restore that store, or start a new "
+                          "run in a new --out folder to train on this one")
+    keep = (f"leave --store out (or pass --store {old})" if Path(old).exists()
+            else f"pass --store with the store it trained on (no longer at {old})")
+    raise ConfigError(f"--resume: --store {store} is not the run's store {old}: {difference}; a resumed run keeps "
+                      f"its store: {keep}, or start a new run in a new --out folder to train on {store}")
+
+
+def _unloadable(flag: str, out: Path, problems: list[str], instead: str) -> ConfigError:
+    return ConfigError(f"{flag}: none of the checkpoints of {out} can be loaded ({'; '.join(problems)}); nothing "
+                       f"was moved or changed: restore them (e.g. copy them again) and resume, or {instead}")
+
+
 def resolve_resume_auto(out: str | Path, resume: bool | str, has_store: bool) -> tuple[bool, bool]:
     """``--resume auto`` as a plain resume or a fresh start (``checkpoints.resume_plan``): (resume, move aside),
     the second True when the existing folder is to be moved aside first (rank 0 does it once the process
-    group is up, so that every rank decided on the same folder)."""
+    group is up, so that every rank decided on the same folder). A run whose checkpoints were all damaged
+    is refused, not started again: it is for its user to restore them or to give the run up."""
     if resume != "auto":
         return bool(resume), False
-    plan = resume_plan(out)
+    plan, problems = resume_plan(out)
     if plan == "refuse":
-        raise ConfigError(f"--resume auto: --out {out} exists and is not a training run folder; choose another")
+        what = ("is a file, not a training run folder" if Path(out).exists() and not Path(out).is_dir()
+                else "exists and is not a training run folder")
+        raise ConfigError(f"--resume auto: --out {out} {what}; choose another")
+    if plan == "damaged":
+        raise _unloadable("--resume auto", Path(out), problems, f"move {out} away to start a new run")
     if plan != "resume" and not has_store:
         raise ConfigError(f"--resume auto: {out} holds no checkpoint to resume, and a new run needs --store")
     return plan == "resume", plan == "move-aside"
@@ -395,18 +488,30 @@ def check_run_folder(options: Options, world_size: int, moving_aside: bool = Fal
     """Refuse to overwrite a run, or to resume one without a complete checkpoint; the step to resume from."""
     out = Path(options.checkpoint.out)
     if not options.checkpoint.resume:
-        if out.exists() and not moving_aside and (not out.is_dir() or any(out.iterdir())):
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is a file, not a run folder; choose a new folder")
+        if out.exists() and not moving_aside and any(out.iterdir()):
             raise ConfigError(f"--out {out} already exists; pass --resume to continue it, or choose a new folder "
                               "(a run is never overwritten)")
+        problem = unwritable(out, replacing=moving_aside)
+        if problem:
+            raise ConfigError(f"--out {out}: {problem}; choose a folder you can write" if not moving_aside else
+                              f"--resume auto: {out} never finished a checkpoint, but it cannot be moved aside to "
+                              f"start again: {problem}")
         return None
     step, passed_over = usable_checkpoint(out)
+    if step is None:
+        if passed_over:
+            raise _unloadable("--resume", out, passed_over, "start a new run in a new --out folder")
+        raise ConfigError(f"--resume: {out / CHECKPOINTS / LATEST} names no complete checkpoint (the run was "
+                          "stopped before its first one); start it again in a new folder")
     for warning in passed_over:
         log.warning("%s; resuming from an older one", warning)
-    if step is None:
-        why = ("none of its checkpoints can be loaded" if passed_over
-               else "the run was stopped before its first one")
-        raise ConfigError(f"--resume: {out / CHECKPOINTS / LATEST} names no complete checkpoint "
-                          f"({why}); start it again in a new folder")
+    problem = unwritable(out)
+    if problem:
+        raise ConfigError(f"--resume: {problem}; a resumed run writes in {out} (checkpoints, samples, logs) and "
+                          "takes its lock beside it: make them writable, or copy the run to a writable folder and "
+                          "resume the copy (--out COPY --resume); nothing was changed")
     state = json.loads((out / CHECKPOINTS / str(step) / TRAINER_STATE).read_text())
     if state["world_size"] != world_size:
         raise ConfigError(f"--resume: checkpoint {step} was written by {state['world_size']} rank(s), this "

@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import select
+import signal
 import sys
 
 from brats_gan.errors import UserError, one_line
@@ -49,7 +52,45 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+#: the exit status of a command whose reader closed its standard output (`brats-gan info STORE | head`):
+#: 128 + SIGPIPE, what a shell reports for a Unix tool that the same closed pipe stopped
+STDOUT_CLOSED = 128 + signal.SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a reader that stops reading (``| head``) ends it quietly, as it ends Unix tools."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, where a closed pipe can still be caught, not at the interpreter's exit
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        return _stdout_gone()
+
+
+def _stdout_closed() -> bool:
+    """True when standard output is a pipe whose reader has gone (poll reports an error on it), so that a
+    broken pipe elsewhere (a socket, a child process) is not mistaken for it."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
+def _stdout_gone() -> int:
+    """Python's recipe for SIGPIPE: point standard output at /dev/null so that the interpreter's last flush
+    at exit does not fail again, and exit quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return STDOUT_CLOSED
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
@@ -68,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"brats-gan {args.command}: {'interrupted' if status == 130 else f'stopped by {err}'}", file=sys.stderr)
         return status
     except Exception as err:
+        if isinstance(err, BrokenPipeError) and _stdout_closed():
+            return _stdout_gone()
         if args.verbose:
             raise
         print(f"brats-gan {args.command}: error: {one_line(err)}", file=sys.stderr)
