@@ -17,6 +17,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from brats_gan.locks import lock_path
+from brats_gan.metrics_log import METRICS_FILE
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 BEST = "best"
@@ -35,6 +38,8 @@ class RunFolderError(ValueError):
 def read_options(run: str | Path) -> dict[str, Any]:
     """``RUN/training_options.json``: every option, the network and the versions the run was started with."""
     path = Path(run) / OPTIONS_FILE
+    if Path(run).exists() and not Path(run).is_dir():
+        raise RunFolderError(f"{run} is a file, not a training run folder")
     if not path.is_file():
         raise RunFolderError(f"{path} not found; {run} is not a training run folder")
     try:
@@ -50,23 +55,30 @@ def write_options(run: str | Path, options: dict[str, Any]) -> None:
     atomic_write_text(Path(run) / OPTIONS_FILE, json.dumps(options, indent=2) + "\n")
 
 
-def resume_plan(run: str | Path) -> str:
-    """What ``--resume auto`` does with ``run``: ``resume`` when a checkpoint of it loads, ``start`` when there
-    is no folder or an empty one, ``move-aside`` for a run folder without a loadable checkpoint (a run killed
-    before its first), ``refuse`` for any other folder. One command then serves the first start, a requeue
+def resume_plan(run: str | Path) -> tuple[str, list[str]]:
+    """What ``--resume auto`` does with ``run``, and why: ``resume`` when a checkpoint of it loads, ``start``
+    when there is no folder or an empty one, ``move-aside`` for a run folder that never finished a checkpoint
+    (a run killed before its first), ``damaged`` for one whose finished checkpoints all fail their checks
+    (the reasons, one per checkpoint, come with it: starting again would throw away a run someone may
+    restore), ``refuse`` for any other folder or a file. One command then serves the first start, a requeue
     and a resubmission (the SLURM recipes pass it every time)."""
     folder = Path(run)
-    if usable_checkpoint(folder)[0] is not None:
-        return "resume"
-    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
-        return "start"
+    if folder.exists() and not folder.is_dir():
+        return "refuse", []
+    step, passed_over = usable_checkpoint(folder)
+    if step is not None:
+        return "resume", []
+    if passed_over:
+        return "damaged", passed_over
+    if not folder.exists() or not any(folder.iterdir()):
+        return "start", []
     if (folder / OPTIONS_FILE).is_file() or (folder / CHECKPOINTS).is_dir():
-        return "move-aside"
-    return "refuse"
+        return "move-aside", []
+    return "refuse", []
 
 
 def move_aside(run: str | Path) -> Path:
-    """Rename a run folder that holds nothing to resume to ``RUN.no-checkpoint-<time>``; returns the new path."""
+    """Rename a run folder that never finished a checkpoint to ``RUN.no-checkpoint-<time>``; returns the new path."""
     folder = Path(run)
     target = folder.with_name(f"{folder.name}.no-checkpoint-{time.strftime('%Y%m%d-%H%M%S')}")
     os.rename(folder, target)
@@ -88,7 +100,7 @@ def read_latest(run: str | Path, pointer: str = LATEST) -> int | None:
     root = Path(run) / CHECKPOINTS
     try:
         step = int((root / pointer).read_text().strip())
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
     return step if (root / str(step) / TRAINER_STATE).is_file() else None
 
@@ -154,7 +166,7 @@ def usable_checkpoint(run: str | Path, pointer: str = LATEST) -> tuple[int | Non
     root = Path(run) / CHECKPOINTS
     try:
         named: int | None = int((root / pointer).read_text().strip())
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, NotADirectoryError, ValueError):
         named = None
     if pointer == BEST:
         ranked = sorted((swd, step) for step in checkpoint_steps(run) if (swd := recorded_swd(run, step)) is not None)
@@ -171,6 +183,35 @@ def usable_checkpoint(run: str | Path, pointer: str = LATEST) -> tuple[int | Non
         if step == named or (root / str(step) / TRAINER_STATE).exists():
             warnings.append(f"checkpoint {step} ({root / str(step)}) cannot be loaded: {'; '.join(problems)}")
     return None, warnings
+
+
+def unwritable(run: str | Path, replacing: bool = False) -> str | None:
+    """Why this process cannot write the run folder ``run`` (existing or to be made), or None when it can;
+    with ``replacing`` (a folder to be moved aside for a new run) only the folder that holds it matters.
+
+    A run writes inside its folder and its subfolders (options, checkpoints, samples, logs), rewrites
+    ``metrics.csv`` in place, and takes its lock beside the folder (``brats_gan.locks``); checked before any
+    rank starts, so that a read-only folder is refused in one line rather than at the first write. The
+    kernel answers (``os.access``): root may write a folder of any mode, nobody a read-only file system.
+    """
+    folder = Path(run).absolute()
+    if folder.exists() and not replacing:
+        places = [lock_path(folder).parent, folder, *sorted(p for p in folder.iterdir() if p.is_dir())]
+        if (folder / METRICS_FILE).exists():
+            places.append(folder / METRICS_FILE)
+    else:
+        ancestor = next(p for p in folder.parents if p.exists())
+        if not ancestor.is_dir():
+            return f"{ancestor} is a file, so {folder} cannot be made"
+        places = [ancestor]
+    for place in places:
+        if not os.access(place, os.W_OK | (os.X_OK if place.is_dir() else 0)):
+            try:
+                read_only = bool(os.statvfs(place).f_flag & os.ST_RDONLY)
+            except OSError:
+                read_only = False
+            return f"cannot write {place} ({'a read-only file system' if read_only else 'no write permission'})"
+    return None
 
 
 def recorded_swd(run: str | Path, step: int) -> float | None:

@@ -66,12 +66,14 @@ from brats_gan.rng import rng_state, seed_rank, set_rng_state
 from brats_gan.stopping import StopRequest
 from brats_gan.train_config import (
     MONITORS,
+    STORE_IDENTITY,
     ConfigError,
     Options,
     TrainingConfig,
     build_options,
     check_run_folder,
     resolve_resume_auto,
+    store_identity,
 )
 
 log = logging.getLogger(__name__)
@@ -189,6 +191,7 @@ class Trainer:
         if self.is_main:
             saved = {**options.to_json(), "model": dataclasses.asdict(self.model_config),
                      "world_size": env.world_size, "versions": _versions(),
+                     STORE_IDENTITY: store_identity(schema.read_summary(options.data.store)),
                      "written": schema.now_utc()}
             write_options(self.run_dir, saved)
         self._barrier()
@@ -451,7 +454,7 @@ def run_training(given: dict[tuple[str, str], Any], out: str, resume: bool | str
     try:
         if moving_aside:
             if env.rank == 0:
-                log.warning("--resume auto: %s holds no checkpoint to resume (a run stopped before its first); "
+                log.warning("--resume auto: %s never finished a checkpoint (the run stopped before its first); "
                             "moved to %s, starting again", options.checkpoint.out, move_aside(options.checkpoint.out))
             dist.barrier()
         if options.data.verify:
