@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
+import re
 import shutil
 import time
 import uuid
@@ -169,12 +171,84 @@ def store_exists(path: str) -> bool:
 def check_output(path: str, subjects: Sequence[Subject], *, resume: bool = False, overwrite: bool = False) -> None:
     """Refuse an output that cannot be written or must not be replaced, before any cluster or task starts:
     a file, an unwritable folder, a folder holding input subjects, and for ``--overwrite`` or
-    ``--resume`` anything but a store brats_gan wrote (``schema.check_output``)."""
+    ``--resume`` anything but a store brats_gan wrote (``schema.check_output``); ``--overwrite`` also
+    refuses a link and a store holding anything its writer did not put there (:func:`check_replaceable`)."""
     inputs = sorted({file.parent for subject in subjects for file in subject.files.values()})
     try:
         schema.check_output(path, overwrite=overwrite, resume=resume, keep=inputs)
     except schema.StoreError as err:
         raise PreprocessError(str(err)) from None
+    if overwrite and Path(path).exists():
+        check_replaceable(path)
+
+
+# a file zarr's LocalStore was writing when its process died: the name it writes to, then renames
+_ZARR_TEMPORARY = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def check_replaceable(path: str) -> None:
+    """``--overwrite`` deletes the store folder, so refuse one that is a symbolic link (deleting through it
+    is not what the link's owner asked) or that holds anything else than its writer's own files: a run,
+    a synthetic store or notes put inside it would go without a word."""
+    store = Path(path)
+    if store.is_symlink():
+        raise PreprocessError(f"--out {path} is a symbolic link (to {os.readlink(store)}); --overwrite replaces "
+                              f"only a store named by its own path: give --out {store.resolve()} or remove the link")
+    foreign = foreign_paths(store)
+    if foreign:
+        shown = ", ".join(str(p) for p in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise PreprocessError(f"--out {path} holds what brats-gan did not write there ({shown}); --overwrite would "
+                              "delete it with the store: move it out of the store first, or choose another --out")
+
+
+def foreign_paths(store: Path) -> list[Path]:
+    """The files and folders in ``store`` that are not the store's own: its group's ``zarr.json``, each
+    array of the schema (its ``zarr.json`` and chunk files under ``c/``, named by numbers), the
+    completion markers under ``progress/`` and zarr's temporary files of a write cut short."""
+    own_arrays = {schema.IMAGE, *schema.SAMPLE_COORDS, "channel"}
+    foreign: list[Path] = []
+    for entry in _entries(store):
+        if entry.name == "zarr.json" and _plain_file(entry):
+            continue
+        if entry.name in own_arrays and _plain_folder(entry):
+            for part in _entries(entry):
+                if part.name == "c" and _plain_folder(part):
+                    foreign.extend(_not_chunks(part))
+                elif not (part.name == "zarr.json" and _plain_file(part)):
+                    foreign.append(part)
+        elif entry.name == schema.PROGRESS_GROUP and _plain_folder(entry):
+            for marker in _entries(entry):
+                if _plain_folder(marker):
+                    foreign.extend(p for p in _entries(marker) if not (p.name == "zarr.json" and _plain_file(p)))
+                elif not (marker.name == "zarr.json" and _plain_file(marker)):
+                    foreign.append(marker)
+        else:
+            foreign.append(entry)
+    return foreign
+
+
+def _entries(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not _ZARR_TEMPORARY.search(p.name))
+
+
+def _plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _plain_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _not_chunks(chunks: Path) -> list[Path]:
+    """What an array's chunk tree ``c/`` holds besides folders and files named by chunk numbers."""
+    foreign = []
+    for folder, dirs, files in os.walk(chunks):
+        for name in sorted(dirs + files):
+            path = Path(folder) / name
+            if not (name.isdigit() or _ZARR_TEMPORARY.search(name)) or path.is_symlink():
+                foreign.append(path)
+        dirs[:] = [d for d in dirs if d.isdigit() and not (Path(folder) / d).is_symlink()]
+    return foreign
 
 
 def create_store(path: str, config: PreprocessConfig, planned: list[str], overwrite: bool) -> str:
@@ -189,6 +263,7 @@ def create_store(path: str, config: PreprocessConfig, planned: list[str], overwr
             schema.check_output(path, overwrite=True)
         except schema.StoreError as err:
             raise PreprocessError(str(err)) from None
+        check_replaceable(path)
         shutil.rmtree(path)
     n = len(planned) * config.slices
     token = uuid.uuid4().hex

@@ -312,3 +312,54 @@ def test_a_dashboard_port_out_of_range_is_refused_by_name_before_any_work(tmp_pa
     (line,) = proc.stderr.strip().splitlines()
     assert line == f"brats-gan {command}: error: --dashboard-port {port} is not a port: give 1-65535, or 0 for any free port"
     assert "dashboard:" not in proc.stdout and not out.exists(), "refused before any cluster starts or file is written"
+
+
+def test_overwrite_through_a_link_to_a_store_is_refused_by_name_and_nothing_is_deleted(tmp_path, phantoms_2020):
+    from store_factory import write_store
+
+    store = write_store(tmp_path / "real.zarr", subjects=2, slices=4, size=32)
+    link = tmp_path / "link.zarr"
+    link.symlink_to(store.name)
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    proc = run_cli("preprocess", phantoms_2020, "--out", link, "--overwrite", "--workers", "1",
+                   "--dashboard-port", "0")
+    assert proc.returncode == 2, proc.output
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == (f"brats-gan preprocess: error: --out {link} is a symbolic link (to real.zarr); --overwrite "
+                    f"replaces only a store named by its own path: give --out {store} or remove the link")
+    assert "dashboard" not in proc.stdout, "refused before any cluster starts"
+    assert link.is_symlink() and {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_refuses_a_store_holding_what_its_writer_did_not_write_and_names_it(tmp_path, phantoms_2020):
+    """A run folder or a synthetic store put inside a store would be deleted with it by --overwrite."""
+    from brats_gan.preprocess import create_store, mark_skipped
+    from store_factory import write_store
+
+    store = write_store(tmp_path / "s.zarr", subjects=2, slices=4, size=32)
+    (store / "run" / "checkpoints").mkdir(parents=True)
+    (store / "run" / "checkpoints" / "step_000100.pt").write_bytes(b"weeks of training")
+    write_store(store / "synthetic.zarr", subjects=1, slices=4, size=32)
+    (store / "image" / "README.txt").write_text("notes")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    args = ["preprocess", phantoms_2020, "--out", store, "--slices", "4", "--size", "32", "--workers", "1",
+            "--dashboard-port", "0", "--no-progress", "--overwrite"]
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.output
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == (f"brats-gan preprocess: error: --out {store} holds what brats-gan did not write there "
+                    f"({store}/image/README.txt, {store}/run, {store}/synthetic.zarr); --overwrite would delete it "
+                    "with the store: move it out of the store first, or choose another --out")
+    assert "dashboard" not in proc.stdout, "refused before any cluster starts"
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before, "nothing is deleted"
+
+    # a store holding only its writer's own files is replaced, an interrupted one too (its completion
+    # markers, and a temporary file zarr was writing when the process died)
+    shutil.rmtree(store)
+    create_store(str(store), PreprocessConfig(slices=4, size=32), ["BraTS20_Training_001"], overwrite=False)
+    mark_skipped(str(store), "BraTS20_Training_001", "a reason")
+    (store / "image" / "zarr.0123456789abcdef0123456789abcdef.partial").write_bytes(b"cut short")
+    run_cli(*args, ok=True)
+    assert zarr.open_group(store, mode="r").attrs["complete"] is True
+    assert sorted(p.name for p in store.iterdir()) == ["channel", "image", "slice_index", "subject",
+                                                      "tumour_fraction", "zarr.json"]
