@@ -17,6 +17,7 @@ How the work is laid out:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -267,18 +268,34 @@ def create_store(path: str, config: PreprocessConfig, planned: list[str], overwr
         shutil.rmtree(path)
     n = len(planned) * config.slices
     token = uuid.uuid4().hex
-    store_writer.write_skeleton(
-        path,
-        channels=config.modalities,
-        size=config.size,
-        shard=config.slices,
-        subject=np.full(n, "", dtype=object),
-        attrs=store_writer.new_attrs(params=config.params(), synthetic=False, run_token=token,
-                              subjects_planned=list(planned)),
-    )
-    _open_group(path).create_group(schema.PROGRESS_GROUP)  # here, once: workers creating it at once would race
+    existed = Path(path).exists()
+    try:
+        store_writer.write_skeleton(
+            path,
+            channels=config.modalities,
+            size=config.size,
+            shard=config.slices,
+            subject=np.full(n, "", dtype=object),
+            attrs=store_writer.new_attrs(params=config.params(), synthetic=False, run_token=token,
+                                         subjects_planned=list(planned)),
+        )
+        _open_group(path).create_group(schema.PROGRESS_GROUP)  # here, once: workers creating it at once would race
+    except OSError as err:  # a full disk: what was written is this call's own (the folder was new or empty)
+        _remove_contents(Path(path), remove_folder=not existed)
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        raise PreprocessError(f"cannot create {path} ({reason}); free space, then run the same command again") from err
     log.info("created %s for %d subjects x %d slices", path, len(planned), config.slices)
     return token
+
+
+def _remove_contents(folder: Path, *, remove_folder: bool) -> None:
+    for child in folder.iterdir() if folder.is_dir() else ():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    if remove_folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _open_group(path: str, mode: str = "r+"):
@@ -346,16 +363,33 @@ def write_subject(path: str, token: str, prepared: PreparedSubject, slot: int) -
 
 
 def store_subject(subject: Subject, config: PreprocessConfig, path: str, token: str, slot: int
-                  ) -> tuple[str, str | None, int]:
-    """Prepare one subject and, if it is good, write it at ``slot``: (subject, error or None, slot).
+                  ) -> tuple[str, str | None, int, OSError | None]:
+    """Prepare one subject and, if it is good, write it at ``slot``: (subject, error or None, slot, the
+    store's write failure or None).
 
     One task rather than a prepare task and a write task: the pixels never wait in worker memory for
     a slot, and the scheduler handles a third of the tasks (the client's share of the CPU was 15%).
+    A write that fails (a full disk, a quota) is returned, not raised: Dask's worker logs every task
+    that raises with its traceback, and this failure is expected and said by the client in one line.
     """
     prepared = prepare_subject(subject, config)
     if prepared.error is None:
-        write_subject(path, token, prepared, slot)
-    return prepared.subject, prepared.error, slot
+        try:
+            write_subject(path, token, prepared, slot)
+        except OSError as err:
+            return prepared.subject, None, slot, err
+    return prepared.subject, prepared.error, slot, None
+
+
+def write_failure(store: str, err: OSError, what: str = "write",
+                  kept: str = "the subjects already stored are kept") -> PreprocessError:
+    """A failed write of ``store`` in one line, with the advice its cause calls for."""
+    reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        advice = "free space (or raise the quota or file-size limit), then"
+    else:
+        advice = "fix the cause, then"
+    return PreprocessError(f"cannot {what} {store} ({reason}); {advice} run the same command with --resume ({kept})")
 
 
 def mark_skipped(path: str, subject: str, reason: str) -> None:
@@ -571,8 +605,12 @@ def _preprocess(subjects: list[Subject], store: str, config: PreprocessConfig, c
 
     try:
         step()
-        for future, (sid, error, slot) in pending:
+        for future, (sid, error, slot, failed_write) in pending:
             future.release()
+            if failed_write is not None:
+                client.cancel(list(pending.futures))
+                pending.clear()
+                raise write_failure(store, failed_write)
             if error is not None and sid not in planner.resending:
                 log.warning("%s: %s", sid, error)
             if planner.record(sid, error, slot):
@@ -604,8 +642,7 @@ def _preprocess(subjects: list[Subject], store: str, config: PreprocessConfig, c
     try:
         finalize_store(store, config, planned)
     except OSError as err:  # a full disk or a quota while the coordinates and metadata are written
-        raise PreprocessError(f"cannot finish {store} ({err}); free space and run the same command with --resume "
-                              "(the subjects already stored may be redone)") from err
+        raise write_failure(store, err, "finish", "the subjects already stored may be redone") from err
     report.complete = True
     report.seconds = time.perf_counter() - started
     return report

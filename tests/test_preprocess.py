@@ -363,3 +363,34 @@ def test_overwrite_refuses_a_store_holding_what_its_writer_did_not_write_and_nam
     assert zarr.open_group(store, mode="r").attrs["complete"] is True
     assert sorted(p.name for p in store.iterdir()) == ["channel", "image", "slice_index", "subject",
                                                       "tumour_fraction", "zarr.json"]
+
+
+@pytest.mark.parametrize("limit_kib, stage", [(16, "write"), (4, "create")])
+def test_a_full_disk_is_one_line_without_a_worker_traceback_and_resume_finishes(tmp_path, phantoms_2020, limit_kib,
+                                                                                 stage):
+    """Every file the command and its Dask workers write stops at the limit, as on a nearly full disk: 16 KiB
+    lets the store be created and no subject's shard be written; 4 KiB stops the store's creation."""
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_kib * 1024, limit_kib * 1024))
+
+    store = tmp_path / "s.zarr"
+    argv = ["preprocess", phantoms_2020, "--out", store, "--slices", "8", "--workers", "1", "--dashboard-port", "0",
+            "--no-progress"]
+    proc = subprocess.run(cli(*argv), capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if " INFO " not in line]
+    if stage == "write":
+        assert errors == [f"brats-gan preprocess: error: cannot write {store} (OSError: [Errno 27] File too large); "
+                          "free space (or raise the quota or file-size limit), then run the same command with "
+                          "--resume (the subjects already stored are kept)"], proc.stderr
+        again = "--resume"
+    else:
+        assert errors == [f"brats-gan preprocess: error: cannot create {store} (OSError: [Errno 27] File too "
+                          "large); free space, then run the same command again"], proc.stderr
+        assert not store.exists(), "a store cut short at its creation is removed"
+        again = "--no-progress"
+    assert "Traceback" not in proc.stderr and "Compute Failed" not in proc.stderr
+    run_cli(*argv, again, ok=True)
+    assert zarr.open_group(store, mode="r").attrs["complete"] is True
