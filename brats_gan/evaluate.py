@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,23 +49,40 @@ def _summaries(paths: dict[str, str | None]) -> dict[str, Any]:
     return out
 
 
-def _check_channels(summaries: dict[str, Any], notes: list[str]) -> None:
-    """Equal channel counts, or a single channel that is repeated (as the trainer repeats one modality)."""
+def _check_channels(summaries: dict[str, Any], notes: list[str]) -> dict[str, tuple[str, ...] | None]:
+    """The channels each store is compared on (None: all, as stored).
+
+    Stores that name their channels (the schema's ``channel`` coordinate) are compared by name: the same
+    modalities in any order, or the channels of the store with fewest (a synthetic store of a run
+    trained on FLAIR alone) picked by name from the others. Any other difference is refused: FLAIR
+    scored against T1 measures nothing. Stores without usable names fall back to counts: equal, or a
+    single channel repeated to match (as the trainer repeats one modality)."""
+    named = all(len(s.channels) == s.image_shape[1] == len(set(s.channels)) for s in summaries.values())
+    if named:
+        wanted = min(summaries.values(), key=lambda s: len(s.channels)).channels
+        if any(c not in s.channels for s in summaries.values() for c in wanted):
+            described = "; ".join(f"--{r} {s.path} has {','.join(s.channels)}" for r, s in summaries.items())
+            raise UserError(f"the stores hold different modalities ({described}): channels are compared by "
+                            "name, so every store must hold those of the store with fewest; choose stores of "
+                            "the same modalities (a synthetic store has those of its training store)")
+        picked = {role: None if s.channels == wanted else wanted for role, s in summaries.items()}
+        for role, names in picked.items():
+            if names is not None:
+                notes.append(f"--{role} has {','.join(summaries[role].channels)}: compared on "
+                             f"{','.join(names)}, picked by name")
+        return picked
     counts = {role: s.image_shape[1] for role, s in summaries.items()}
-    wanted = max(counts.values())
-    bad = {role: n for role, n in counts.items() if n not in (1, wanted)}
-    if bad:
+    wanted_count = max(counts.values())
+    if any(n not in (1, wanted_count) for n in counts.values()):
         described = ", ".join(f"--{r} has {n} ({','.join(summaries[r].channels)})" for r, n in counts.items())
         raise UserError(f"incompatible channels: {described}; stores must have equally many channels, "
-                           "or one of them a single channel (repeated to match)")
+                        "or one of them a single channel (repeated to match)")
+    listed = "; ".join(f"--{r}: {list(s.channels)}" for r, s in summaries.items())
+    notes.append(f"channel names missing or repeated ({listed}): compared in stored order")
     for role, n in counts.items():
-        if n == 1 and wanted > 1:
-            notes.append(f"--{role} has 1 channel ({','.join(summaries[role].channels)}): repeated to {wanted} "
-                         "for the comparisons across stores")
-    names = {s.channels for s in summaries.values() if len(s.channels) == wanted}
-    if len(names) > 1:
-        notes.append(f"channel names differ between stores ({' vs '.join(','.join(n) for n in names)}): "
-                     "compared in stored order")
+        if n == 1 and wanted_count > 1:
+            notes.append(f"--{role} has 1 channel: repeated to {wanted_count} for the comparisons across stores")
+    return {role: None for role in summaries}
 
 
 def _check_train(real: Source, train: Source) -> None:
@@ -76,6 +94,20 @@ def _check_train(real: Source, train: Source) -> None:
     if shared:
         raise UserError(f"--real shares {len(shared)} subject(s) with --train (e.g. {min(shared)}): "
                            "with --train, --real must be held-out subjects")
+
+
+def _check_report(report_dir: Path) -> None:
+    """A report folder that can be written: a folder (or a new name) outside any store, whose PNGs, where
+    they exist already, brats_gan drew (its ``metric-<name>.jsonl`` are appended to, ``metrics.json`` replaced)."""
+    from brats_gan.report import PNG_NAMES
+    from brats_gan.schema import StoreError, check_folder_output, check_png_output
+
+    try:
+        check_folder_output(report_dir, "--report")
+        for name in PNG_NAMES:
+            check_png_output(report_dir / name, "--report")
+    except StoreError as err:
+        raise UserError(str(err)) from None
 
 
 def metric_names(spec: str) -> list[str]:
@@ -93,15 +125,18 @@ def metric_names(spec: str) -> list[str]:
 # reading
 
 
-def open_store(path: str) -> Any:
+def open_store(path: str, channels: Sequence[str] | None = None) -> Any:
     """The store as any xarray user opens it: pixels lazy, the per-sample coordinates read once (subjects as
-    Python strings: numpy's variable-length StringDType does not cast to the fixed-width one)."""
+    Python strings: numpy's variable-length StringDType does not cast to the fixed-width one); ``channels``
+    picked by name, in that order (default: all)."""
     import xarray as xr
 
     from brats_gan.schema import quiet_consolidated_warning
 
     with quiet_consolidated_warning():
         ds = xr.open_zarr(path)
+    if channels is not None:
+        ds = ds.sel(channel=list(channels))
     return ds.assign_coords(subject=ds.subject.compute().astype(object), slice_index=ds.slice_index.compute())
 
 
@@ -160,9 +195,10 @@ def _check_args(paths: dict[str, str | None], names: list[str], max_images: int,
     if max_images < 2 * SWD_MIN_IMAGES:
         raise UserError(f"--max-images must be at least {2 * SWD_MIN_IMAGES} (two real halves for the SWD floor)")
     summaries = _summaries(paths)
-    _check_channels(summaries, notes)
+    picked = _check_channels(summaries, notes)
     rng = np.random.default_rng(seed)  # drawn in role order: real, fake (train is read whole)
-    sources = {role: Source(s, open_store(s.path), draw(s.n_samples, None if role == "train" else max_images, rng))
+    sources = {role: Source(s, open_store(s.path, picked[role]),
+                            draw(s.n_samples, None if role == "train" else max_images, rng))
                for role, s in summaries.items()}
     if "train" in sources:
         _check_train(sources["real"], sources["train"])
@@ -227,6 +263,8 @@ def evaluate(real: str, fake: str, train: str | None = None, *, metrics: str | N
     )
 
     names = metric_names(",".join(list_metrics()) if metrics is None else metrics)
+    if report is not None:
+        _check_report(Path(report))
     notes: list[str] = []
     sources = _check_args({"real": real, "fake": fake, "train": train}, names, max_images, seed,
                           inception_weights, notes)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from brats_gan.errors import UserError
+from brats_gan.errors import BratsGanError, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +47,15 @@ log = logging.getLogger(__name__)
 SHARD = 64  # samples per shard: the unit one write fills (8 chunks of 8)
 GRID_MAX = 100  # images drawn in --grid: the first ones of the store
 DEFAULT_BATCH = 32
+# Memory per image while the store's coordinates are written whole with its skeleton (subject names
+# and all): 290 bytes measured at a million images; and bytes per image of coordinates on disk.
+COORDINATE_MEMORY = 512
+COORDINATE_DISK = 64
+
+
+class OutputNotWritten(BratsGanError):
+    """The store or its grid could not be written (a full disk, a quota); the message says what was
+    kept and how to go on."""
 
 
 @dataclass(frozen=True)
@@ -228,18 +237,59 @@ def synthetic_ids(checkpoint: Checkpoint, seed: int, num: int) -> np.ndarray:
 # ---------------------------------------------------------------- the store
 
 
-def check_out(out: Path, overwrite: bool, run: Path) -> None:
+def check_out(out: Path, overwrite: bool, run: Path, grid: Path | None = None) -> None:
     """Refuse an existing ``out`` unless ``--overwrite``, and even then anything but a synthetic store
     brats_gan wrote: a real store costs a preprocessing run, and a folder of something else is not ours
-    to delete. A file, an unwritable place or a folder holding the run are refused too."""
+    to delete. A file, an unwritable place, a folder holding the run or inside a store are refused too,
+    and a ``grid`` that is not a PNG name, would replace a file brats_gan did not draw, or lies inside ``out``."""
     from brats_gan import schema
 
     try:
         schema.check_output(out, overwrite=overwrite, synthetic_only=True, keep=(run,))
+        if grid is not None:
+            schema.check_png_output(grid, "--grid")
     except schema.StoreError as err:
         raise UserError(str(err)) from None
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} already exists; pass --overwrite to replace it")
+    if grid is not None and (grid.resolve() == out.resolve() or out.resolve() in grid.resolve().parents):
+        raise UserError(f"--grid {grid} is inside --out {out}, which is replaced whole by --overwrite: "
+                        "choose a PNG outside the store")
+
+
+def check_fits(out: Path, num: int, checkpoint: Checkpoint) -> None:
+    """Refuse a ``num`` whose store cannot fit, before any work: its pixels on the disk (float16 as
+    generated images are, which barely compress; an existing store there is counted as freed) and its
+    coordinates in memory, which are written whole with the store's skeleton. The pixels themselves
+    stream, a shard at a time."""
+    import shutil
+
+    import psutil
+
+    from brats_gan import schema
+
+    per_image = len(checkpoint.channels) * checkpoint.model.image_size ** 2 * 2 + COORDINATE_DISK
+    folder = schema.nearest_existing(out)
+    free = shutil.disk_usage(folder).free
+    if out.is_dir():
+        free += sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and not f.is_symlink())
+    if num * per_image > free:
+        raise UserError(f"--num {num}: {num} images of {len(checkpoint.channels)}x{checkpoint.model.image_size}"
+                        f"x{checkpoint.model.image_size} need {_size(num * per_image)} on disk and {folder} has "
+                        f"{_size(free)} free: at most --num {free // per_image} fit there")
+    available = psutil.virtual_memory().available
+    if num * COORDINATE_MEMORY > available:
+        raise UserError(f"--num {num}: the coordinates of {num} images need about {_size(num * COORDINATE_MEMORY)} "
+                        f"of memory while the store is created and {_size(available)} is available: at most "
+                        f"--num {available // COORDINATE_MEMORY} in one store (another --seed gives other images)")
+
+
+def _size(n: float) -> str:
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024:
+            break
+    return f"{n:.1f} {unit}"
 
 
 def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step: int | None = None,
@@ -261,9 +311,10 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if seed < 0:
         raise UserError(f"--seed must be at least 0, got {seed}")
-    out = Path(out)
+    out, grid = Path(out), None if grid is None else Path(grid)
     checkpoint = find_checkpoint(run, step, channels, which, weights)
-    check_out(out, overwrite, Path(run))  # before loading anything; again under the lock, which decides
+    check_out(out, overwrite, Path(run), grid)  # before loading anything; again under the lock, which decides
+    check_fits(out, num, checkpoint)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = load_generator(checkpoint, device)
     log.info("%s generator of %s step %d (%s) on %s", "averaged" if checkpoint.weights_kind == "ema" else "trained",
@@ -271,21 +322,58 @@ def generate(run: str | Path, out: str | Path, num: int, *, seed: int = 0, step:
 
     try:
         with locks.exclusive(out, "brats-gan generate"):
-            check_out(out, overwrite, Path(run))  # another writer may have finished since the first check
+            check_out(out, overwrite, Path(run), grid)  # another writer may have finished since the first check
             return _write(checkpoint, out, num, seed, batch_size, grid, generator, device, progress, started)
     except locks.Busy as err:
         raise UserError(str(err)) from None
 
 
-def _write(checkpoint: Checkpoint, out: Path, num: int, seed: int, batch_size: int, grid: str | Path | None,
+def _write(checkpoint: Checkpoint, out: Path, num: int, seed: int, batch_size: int, grid: Path | None,
            generator: Generator, device: str, progress: bool, started: float) -> GenerateReport:
     import time
 
+    from brats_gan.images import save_grid
+
+    try:
+        report, shown = _write_store(checkpoint, out, num, seed, batch_size, grid is not None, generator, device,
+                                     progress)
+    except OSError as err:  # a full disk or a quota
+        from brats_gan import schema
+
+        kept = ("it is kept incomplete (not marked complete, so evaluate and train refuse it)"
+                if schema.written_by_brats_gan(out) is not None else "nothing was kept")
+        raise OutputNotWritten(f"cannot write {out} ({_os_reason(out, err)}): {kept}; free space and run the same "
+                               "command with --overwrite") from err
+    if grid is not None:
+        try:
+            report.grid = save_grid(np.concatenate(shown), grid)
+        except OSError as err:
+            raise OutputNotWritten(f"cannot write --grid {grid} ({_os_reason(grid, err)}): the store {out} is "
+                                   "complete; free space and run the same command with --overwrite") from err
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _os_reason(path: Path, err: OSError) -> str:
+    """An OSError and the space left where it happened, in one line."""
+    import shutil
+
+    from brats_gan import schema
+
+    try:
+        free = f"; {shutil.disk_usage(schema.nearest_existing(path)).free / 2**30:.2f} GiB free there"
+    except OSError:
+        free = ""
+    return f"{type(err).__name__}: {err.strerror or err}{free}"
+
+
+def _write_store(checkpoint: Checkpoint, out: Path, num: int, seed: int, batch_size: int, grid: bool,
+                 generator: Generator, device: str, progress: bool) -> tuple[GenerateReport, list[np.ndarray]]:
+    """The synthetic store, sealed complete; the report and the first images for the grid."""
     import zarr
     from tqdm import tqdm
 
     from brats_gan import schema, store_writer
-    from brats_gan.images import save_grid
     from brats_gan.verify import shard_checksum
 
     if out.exists():
@@ -317,12 +405,8 @@ def _write(checkpoint: Checkpoint, out: Path, num: int, seed: int, batch_size: i
         for start, images in synthesise(generator, checkpoint, num, seed, batch_size, device):
             image[start : start + len(images)] = images
             crcs.append(shard_checksum(images))
-            if grid is not None and start < GRID_MAX:
+            if grid and start < GRID_MAX:
                 shown.append(images[: GRID_MAX - start])
             bar.update(len(images))
     store_writer.seal(str(out), shard_crc32=crcs)
-    report = GenerateReport(out, checkpoint, num, seed, shape=tuple(image.shape), device=device)
-    if grid is not None:
-        report.grid = save_grid(np.concatenate(shown), grid)
-    report.seconds = time.perf_counter() - started
-    return report
+    return GenerateReport(out, checkpoint, num, seed, shape=tuple(image.shape), device=device), shown

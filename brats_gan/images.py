@@ -4,14 +4,18 @@ evaluate). torch is imported only by the resampling, so drawing a grid does not 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from brats_gan import schema
+
 if TYPE_CHECKING:
     import torch
+    from PIL.Image import Image as PILImage
 
 DOWNSAMPLE_ROWS = 8
 
@@ -40,11 +44,29 @@ def save_grid(images: np.ndarray, out: str | Path, columns: int | None = None) -
     tiles = to_uint8(images)
     tiles = tiles.transpose(0, 2, 3, 1) if tiles.shape[1] == 3 else tiles[:, 0]
     columns = columns or int(np.ceil(np.sqrt(len(tiles))))
+    return save_png(Image.fromarray(mosaic(tiles, columns)), out)
+
+
+def save_png(image: PILImage, out: str | Path) -> Path:
+    """Write a Pillow image as the PNG ``out`` whole or not at all: readers (TensorBoard, a browser) never
+    see half a PNG, and a failed write (a full disk, a folder in the way) leaves no temporary file. The
+    PNG is marked as brats_gan's (``schema.PNG_SOFTWARE``), the mark that lets a later run replace it."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from brats_gan import __version__
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")  # readers (TensorBoard, a browser) never see half a PNG
-    Image.fromarray(mosaic(tiles, columns)).save(tmp)
-    os.replace(tmp, out)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    info = PngInfo()
+    info.add_text("Software", f"{schema.PNG_SOFTWARE} {__version__}")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     return out
 
 

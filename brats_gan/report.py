@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from brats_gan.images import area_downsample, mosaic, to_uint8
+from brats_gan.images import area_downsample, mosaic, save_png, to_uint8
 from brats_gan.metrics import EvalData
 
 REAL_COLOUR = (31, 119, 180)
@@ -19,6 +19,9 @@ FAKE_COLOUR = (255, 127, 14)
 BACKGROUND_THRESHOLD = -0.98  # generated backgrounds come close to -1 without reaching it exactly
 GRID_TILES = 16
 CAPTION = 22
+# the PNGs a report may write, by name: an existing one is replaced only if brats_gan drew it
+PNG_NAMES = GRIDS, HISTOGRAMS, SPECTRA, CLOSEST_PAIRS = ("grids.png", "histograms.png", "spectra.png",
+                                                      "closest_pairs.png")
 
 
 def _font(size: int = 14) -> Any:
@@ -62,7 +65,7 @@ def grids(data: EvalData, out: Path) -> Path:
         pick = np.sort(rng.permutation(len(s))[:GRID_TILES])
         tiles = _rgb_tiles(s.images[pick], _display_scale(s.size))
         panels.append((f"{caption}: {Path(s.path).name}", mosaic(tiles, columns=4)))
-    _captioned(panels).save(out)
+    save_png(_captioned(panels), out)
     return out
 
 
@@ -97,7 +100,7 @@ def histograms(data: EvalData, out: Path, bins: int = 64) -> Path:
     for (label, colour), curve, row in zip((("real", REAL_COLOUR), ("synthetic", FAKE_COLOUR)), curves, (0, 1)):
         draw.line([xy(v, d) for v, d in zip(centres, curve)], fill=colour, width=2)
         draw.text((w - right - 120, top + 18 * row), label, fill=colour, font=font)
-    canvas.save(out)
+    save_png(canvas, out)
     return out
 
 
@@ -113,7 +116,7 @@ def spectra(data: EvalData, results: dict[str, Any], out: Path) -> Path:
         tile = np.repeat(grey[:, :, None], 3, axis=2).repeat(scale, axis=0).repeat(scale, axis=1)
         score = results.get(key)
         panels.append((f"{caption}" + (f": checkerboard {score:.1f} dB" if score is not None else ""), tile))
-    _captioned(panels).save(out)
+    save_png(_captioned(panels), out)
     return out
 
 
@@ -138,14 +141,14 @@ def closest_pairs(data: EvalData, results: dict[str, Any], out: Path) -> Path:
     tile = fake.shape[2] + 2
     for i, p in enumerate(pairs):
         draw.text((i * tile + 2, sheet.shape[0] + CAPTION + 3), f"{p['distance']:.3f}", fill="black", font=_font(12))
-    canvas.save(out)
+    save_png(canvas, out)
     return out
 
 
 def write_report(report_dir: Path, data: EvalData, results: dict[str, Any]) -> list[Path]:
     """Every PNG that the data allow; returns their paths."""
-    written = [grids(data, report_dir / "grids.png"), histograms(data, report_dir / "histograms.png"),
-               spectra(data, results, report_dir / "spectra.png")]
+    written = [grids(data, report_dir / GRIDS), histograms(data, report_dir / HISTOGRAMS),
+               spectra(data, results, report_dir / SPECTRA)]
     if data.train is not None and results.get("closest_pairs"):
-        written.append(closest_pairs(data, results, report_dir / "closest_pairs.png"))
+        written.append(closest_pairs(data, results, report_dir / CLOSEST_PAIRS))
     return written

@@ -20,6 +20,11 @@ The contract (also in the README, "The store"):
 - synthetic stores (`brats-gan generate`) keep all of the above, with ``synthetic: true``, a
   ``checkpoint`` attribute (run, step, preset, weights: ema or raw), one subject per image (``synthetic-step<N>-seed<S>-<i>``),
   ``slice_index`` -1, ``tumour_fraction`` NaN and shards of 64 samples.
+
+Which outputs may be written where is decided here too, once for every command: a store replaces only a
+store brats_gan wrote (``check_output``), a PNG only a PNG brats_gan drew (``check_png_output``), and no
+output of any kind goes inside an existing Zarr store, which its writer replaces whole
+(``check_outside_stores``).
 """
 
 from __future__ import annotations
@@ -144,7 +149,8 @@ def check_output(out: str | os.PathLike[str], *, overwrite: bool, resume: bool =
 
     ``--overwrite`` deletes only a store brats_gan wrote itself (by its attributes; with
     ``synthetic_only``, only a synthetic one), never a folder holding one of ``keep`` (the inputs),
-    never anything else; a path that is a file, or whose folder is not writable, is refused too.
+    never anything else; a path that is a file, inside another store, or whose folder is not writable
+    is refused too.
     """
     path = Path(out)
     if path.is_file():
@@ -155,6 +161,7 @@ def check_output(out: str | os.PathLike[str], *, overwrite: bool, resume: bool =
         if resolved == precious or resolved in precious.parents:
             raise StoreError(f"{flag} {path} holds the input {precious}; a store is never written over its "
                              "input: choose another --out")
+    check_outside_stores(path, flag)
     if path.exists():
         if not (overwrite or resume):
             return  # the caller refuses an existing store in its own words (resume, overwrite)
@@ -166,12 +173,95 @@ def check_output(out: str | os.PathLike[str], *, overwrite: bool, resume: bool =
         if overwrite and (attrs is None or (synthetic_only and attrs.get("synthetic") is not True)):
             raise StoreError(f"{flag} {path} exists and is not {what} brats_gan wrote; --overwrite only replaces "
                              f"{what} brats_gan wrote, never anything else: move it away or choose another --out")
-        writable = path
+        _check_writable(path, path, flag)
     else:
-        writable = next(p for p in path.absolute().parents if p.exists())
-    if not os.access(writable, os.W_OK | os.X_OK):
-        reason = "a read-only file system" if _read_only(writable) else "no write permission"
-        raise StoreError(f"{flag} {path}: cannot write in {writable} ({reason})")
+        _check_writable(path, nearest_existing(path), flag)
+
+
+ZARR_NODE_FILES = ("zarr.json", ".zgroup", ".zarray")  # a Zarr v3 node, or a v2 group or array
+
+
+def enclosing_store(path: str | os.PathLike[str]) -> Path | None:
+    """The nearest folder above ``path`` (links resolved) that is a Zarr store, group or array, or None."""
+    for parent in Path(path).resolve().parents:
+        if any((parent / name).is_file() for name in ZARR_NODE_FILES):
+            return parent
+    return None
+
+
+def check_outside_stores(out: str | os.PathLike[str], flag: str = "--out",
+                         error: type[Exception] = StoreError) -> None:
+    """Refuse (with ``error``) an output inside an existing Zarr store: a store belongs to its writer,
+    which replaces it whole (`preprocess --overwrite` deletes the folder), so a run, a synthetic store or
+    a PNG put there would be deleted with it without a word."""
+    store = enclosing_store(out)
+    if store is not None:
+        raise error(f"{flag} {out} is inside the Zarr store {store}, which is replaced whole when it is "
+                    "rewritten (everything inside is deleted with it): choose a path outside the store")
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SOFTWARE = "brats_gan"  # the start of the ``Software`` text chunk of every PNG brats_gan draws
+
+
+def drawn_by_brats_gan(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a PNG whose ``Software`` text chunk (before its pixels) names brats_gan, as
+    ``brats_gan.images`` marks every PNG it writes: only such a file may ever be replaced."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != PNG_SIGNATURE:
+                return False
+            while len(head := f.read(8)) == 8:
+                length, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind in (b"IDAT", b"IEND") or length > 2**20:
+                    return False
+                data = f.read(length)
+                f.seek(4, os.SEEK_CUR)  # the chunk's CRC
+                if kind == b"tEXt" and data.startswith(b"Software\0" + PNG_SOFTWARE.encode()):
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def check_png_output(out: str | os.PathLike[str], flag: str) -> None:
+    """Refuse, before any work, a PNG output that is not a ``.png`` name, is a folder, would replace a
+    file brats_gan did not draw, lies inside a Zarr store or cannot be written."""
+    path = Path(out)
+    if path.is_dir():
+        raise StoreError(f"{flag} {path} is a folder; name the PNG file to write, e.g. {path / 'image.png'}")
+    if path.suffix.lower() != ".png":
+        raise StoreError(f"{flag} {path}: not a .png name; this output is a PNG image: choose a name ending in .png")
+    if (path.exists() or path.is_symlink()) and not (path.is_file() and drawn_by_brats_gan(path)):
+        raise StoreError(f"{flag} {path} exists and is not a PNG brats_gan drew; brats_gan replaces only its own "
+                         "PNGs: move it away or choose another name")
+    check_outside_stores(path, flag)
+    _check_writable(path, nearest_existing(path.parent), flag)
+
+
+def check_folder_output(out: str | os.PathLike[str], flag: str) -> None:
+    """Refuse, before any work, an output folder that is a file, lies inside a Zarr store or cannot be
+    written (files are then added to it: the caller decides which of them it may replace)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{flag} {path} exists and is not a folder; choose a folder name")
+    check_outside_stores(path, flag)
+    _check_writable(path, nearest_existing(path), flag)
+
+
+def nearest_existing(path: str | os.PathLike[str]) -> Path:
+    """``path`` if it exists, else the nearest folder above it that does (where it would be written)."""
+    path = Path(path)
+    return next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+
+
+def _check_writable(path: Path, folder: Path, flag: str) -> None:
+    """``folder`` (``path`` itself or the nearest existing folder above it) must be a writable folder."""
+    if not folder.is_dir():
+        raise StoreError(f"{flag} {path}: {folder} is a file, not a folder; choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        reason = "a read-only file system" if _read_only(folder) else "no write permission"
+        raise StoreError(f"{flag} {path}: cannot write in {folder} ({reason})")
 
 
 def _read_only(path: Path) -> bool:
@@ -182,9 +272,17 @@ def _read_only(path: Path) -> bool:
 
 
 def require_complete(path: str) -> StoreSummary:
-    """The summary of a finished store, or a StoreError that says how to finish it."""
+    """The summary of a finished store, or a StoreError that says how to finish it: the advice of the
+    writer that started it (``generate`` records the checkpoint it drew from, ``preprocess`` does not)."""
     summary = read_summary(path)
     if not summary.complete:
+        checkpoint = summary.attrs.get("checkpoint")
+        if isinstance(checkpoint, dict):
+            run = checkpoint.get("run") or "RUN"
+            raise StoreError(
+                f"{path}: store is not marked complete (generate was interrupted or failed); write it again "
+                f"with `brats-gan generate --checkpoint {run} --out {path} --overwrite ...`"
+            )
         raise StoreError(
             f"{path}: store is not marked complete (preprocessing was interrupted or failed); "
             "finish it with `brats-gan preprocess ... --resume`"

@@ -329,6 +329,7 @@ def build_options(given: dict[tuple[str, str], Any], out: str | Path, resume: bo
     if ("data", "store") in given:  # recorded absolute: generate and resumes may run from another folder
         given[("data", "store")] = str(Path(given[("data", "store")]).absolute())
     out = Path(out)
+    schema.check_outside_stores(out, "--out", ConfigError)  # a store's rewrite would delete the run
     given[("checkpoint", "out")] = str(out)
     given[("checkpoint", "resume")] = bool(resume)
     if resume:

@@ -112,7 +112,8 @@ def test_refuses_incomplete_or_foreign_stores(stores, tmp_path, capsys) -> None:
 def test_refuses_incompatible_channels_and_too_few_slices(stores, tmp_path, capsys) -> None:
     two = write_store(tmp_path / "two.zarr", subjects=3, slices=8, size=64, channels=("flair", "t1"))
     three = write_store(tmp_path / "three.zarr", subjects=3, slices=8, size=64, channels=("flair", "t1ce", "t2"))
-    assert "incompatible channels" in _refused(capsys, "--real", str(two), "--fake", str(three))
+    err = _refused(capsys, "--real", str(two), "--fake", str(three))
+    assert f"the stores hold different modalities (--real {two} has flair,t1; --fake {three} has flair,t1ce,t2)" in err
     small = write_store(tmp_path / "small.zarr", subjects=1, slices=8, size=64)
     assert "too few slices for the SWD floor" in _refused(capsys, "--real", str(small), "--fake", str(stores["fake"]))
     assert "--max-images" in _refused(capsys, "--real", str(stores["real"]), "--fake", str(stores["fake"]),

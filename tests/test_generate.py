@@ -191,12 +191,13 @@ def test_refusals_exit_2_with_their_reason_and_write_nothing(
 
     (tmp_path / "notes.txt").write_text("not ours\n")
 
-    def refused(run: Path, message: str, *args: str, target: Path = out) -> None:
-        argv = ["generate", "--checkpoint", str(run), "--out", str(target), "--grid", str(grid), *args]
+    def refused(run: Path, message: str, *args: str, target: Path = out, png: Path = grid) -> str:
+        argv = ["generate", "--checkpoint", str(run), "--out", str(target), "--grid", str(png), *args]
         assert cli_main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists() and not grid.exists()
+        return err
 
     refused(not_a_run, "not a training run folder")
     refused(unstarted, "names no complete checkpoint")
@@ -210,10 +211,48 @@ def test_refusals_exit_2_with_their_reason_and_write_nothing(
     refused(runs["flair"], "is not a synthetic store brats_gan wrote", "--overwrite", target=real_store)
     refused(runs["flair"], "holds the input", "--overwrite", target=runs["flair"].parent)
     refused(runs["flair"], "is a file", "--overwrite", target=grid.parent / "notes.txt")
+    refused(runs["flair"], f"--out {real_store / 'synthetic.zarr'} is inside the Zarr store {real_store}",
+            target=real_store / "synthetic.zarr")  # `preprocess --overwrite` of the store would delete it
+    refused(runs["flair"], f"--grid {real_store / 'grid.png'} is inside the Zarr store", png=real_store / "grid.png")
     assert {p: p.stat().st_mtime_ns for p in real_store.rglob("*")} == before
+    notes, sheets = tmp_path / "notes.txt", tmp_path / "sheets"
+    sheets.mkdir()
+    kept = sorted(tmp_path.iterdir())
+    refused(runs["flair"], f"--grid {notes}: not a .png name", png=notes)
+    refused(runs["flair"], f"--grid {sheets} is a folder", png=sheets)
+    refused(runs["flair"], f"--grid {out / 'grid.png'} is inside --out {out}", png=out / "grid.png")
+    assert notes.read_text() == "not ours\n" and sorted(tmp_path.iterdir()) == kept and not any(sheets.iterdir())
+    err = refused(runs["flair"], "--num 1000000000000: 1000000000000 images of 1x64x64 need 7508.8 TiB on disk",
+                  "--num", "1000000000000")  # at once, instead of growing in memory until killed
+    assert f"{tmp_path} has" in err and "free: at most --num " in err
 
     named = generated(moved, out, "--num", "4", "--channels", *MODALITIES)
     assert named.shape == (4, 3, 64, 64)
+
+
+def test_a_full_disk_is_one_line_keeps_an_incomplete_store_and_the_advised_command_finishes(
+        runs: dict[str, Path], real_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import resource
+
+    def small_files() -> None:  # every file this process writes stops at 256 KiB, as on a nearly full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**18, 2**18))
+
+    out = tmp_path / "synthetic.zarr"
+    command = cli("generate", "--checkpoint", runs["three"], "--out", out, "--num", "64")  # a 1.5 MiB shard
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=small_files, env=env)
+    assert full.returncode == 5, full.stderr
+    assert "Traceback" not in full.stderr
+    (line,) = [line for line in full.stderr.splitlines() if line.startswith("brats-gan generate:")]
+    assert line.startswith(f"brats-gan generate: error: cannot write {out} (OSError: File too large; ")
+    assert "GiB free there): it is kept incomplete" in line and "run the same command with --overwrite" in line
+
+    assert cli_main(["evaluate", "--real", str(real_store), "--fake", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"`brats-gan generate --checkpoint {runs['three'].resolve()} --out {out} --overwrite" in err
+    assert "preprocess" not in err, "the advice of the writer that made the store"
+    subprocess.run([*command, "--overwrite"], check=True, capture_output=True, timeout=300, env=env)
+    assert xr.open_zarr(out).attrs["complete"] is True
 
 
 def test_a_corrupt_or_missing_newest_checkpoint_falls_back_to_the_previous_one(

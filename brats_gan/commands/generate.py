@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from brats_gan.checkpoints import WEIGHTS
-from brats_gan.generate import DEFAULT_BATCH, GRID_MAX, generate
+from brats_gan.generate import DEFAULT_BATCH, GRID_MAX, OutputNotWritten, generate
+
+EXIT_UNSAVED = 5  # as `brats-gan train`'s: an output could not be written (a full disk, a quota)
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -22,7 +25,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (overrides --which)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
                    help=f"images per forward pass (default {DEFAULT_BATCH}); changes speed and memory, not images")
-    p.add_argument("--grid", metavar="PNG", default=None, help=f"also draw the first {GRID_MAX} images as a PNG grid")
+    p.add_argument("--grid", metavar="PNG", default=None,
+                   help=f"also draw the first {GRID_MAX} images as a PNG grid (a .png name; an existing file is "
+                        "replaced only if brats_gan drew it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing synthetic store")
     p.add_argument("--channels", nargs="+", metavar="NAME", default=None,
                    help="modality names of the training data, when its store is gone and the run did not "
@@ -30,9 +35,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = generate(args.checkpoint, args.out, args.num, seed=args.seed, step=args.step, which=args.which,
-                      weights=args.weights,
-                      batch_size=args.batch_size, grid=args.grid, overwrite=args.overwrite, channels=args.channels)
+    try:
+        report = generate(args.checkpoint, args.out, args.num, seed=args.seed, step=args.step, which=args.which,
+                          weights=args.weights, batch_size=args.batch_size, grid=args.grid, overwrite=args.overwrite,
+                          channels=args.channels)
+    except OutputNotWritten as err:
+        print(f"brats-gan generate: error: {err}", file=sys.stderr)
+        return EXIT_UNSAVED
     ck = report.checkpoint
     print(f"{report.out}: {report.num} synthetic slices {'x'.join(map(str, report.shape[1:]))} "
           f"({', '.join(ck.channels)}) from {ck.run} step {ck.step} ({ck.preset}, "

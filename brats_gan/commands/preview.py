@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", help="a slice store")
-    p.add_argument("--out", default="preview.png", help="PNG to write (default preview.png)")
+    p.add_argument("--out", default="preview.png",
+                   help="PNG to write (default preview.png); an existing file is replaced only if brats_gan drew it")
     p.add_argument("--num", type=int, default=64, help="slices to show, spread evenly over the store (default 64)")
     p.add_argument("--channel", default=None, help="channel to show (default: all 3 as RGB if 3, else the first)")
     p.add_argument("--columns", type=int, default=None, help="tiles per row (default: square)")
@@ -24,14 +25,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import xarray as xr
 
-    from brats_gan.schema import StoreError, read_summary
+    from brats_gan.schema import StoreError, check_png_output, read_summary
 
-    try:
-        summary = read_summary(args.store)
-    except StoreError as err:
-        raise UserError(str(err)) from None
     if args.num < 1:
         raise UserError("--num must be at least 1")
+    try:
+        summary = read_summary(args.store)
+        check_png_output(args.out, "--out")
+    except StoreError as err:
+        raise UserError(str(err)) from None
     ds = xr.open_zarr(args.store)
     if args.channel is not None:
         if args.channel not in summary.channels:
