@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 NORMS = ("batch", "layer", "none")
 ACTIVATIONS = ("relu", "leaky_relu")
-UPSAMPLES = ("transposed", "resize")
+UPSAMPLES = ("transposed", "resize", "subpixel", "transposed-blur")
 RESIZE_MODES = ("nearest", "bilinear")
 GENERATOR_NORMS = ("batch", "none")
 NO_ACTIVATION = "—"
@@ -199,6 +199,61 @@ class MinibatchStd(nn.Module):
         return f"group={self.group}"
 
 
+class SubPixelConv2d(nn.Conv2d):
+    """Sub-pixel convolution (Shi et al. 2016): a 3x3 convolution to 4x the channels whose groups of four are
+    rearranged into 2x2 pixel blocks (``PixelShuffle(2)``), so the layer doubles the side with no kernel
+    overlap to leave uneven. :meth:`icnr_` (Aitken et al. 2017) initialises the four outputs of each channel
+    alike, so that at initialisation the layer is a 3x3 convolution followed by nearest-neighbour upsampling:
+    no checkerboard to unlearn."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, 4 * out_channels, 3, stride=1, padding=1, bias=bias)
+
+    def icnr_(self, std: float) -> None:
+        """ICNR: one N(0, std) sub-kernel per output channel, repeated for its four sub-pixel positions."""
+        with torch.no_grad():
+            sub = torch.empty(self.out_channels // 4, *self.weight.shape[1:], device=self.weight.device,
+                              dtype=self.weight.dtype).normal_(0.0, std)
+            self.weight.copy_(sub.repeat_interleave(4, dim=0))
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pixel_shuffle(super().forward(x), 2)
+
+
+class Blur(nn.Module):
+    """StyleGAN2's fixed low-pass FIR filter (Karras et al. 2020): the separable [1, 3, 3, 1] kernel, normalised
+    to sum 1, applied to each channel alone. It has a zero at the 2-pixel period, so after a stride-2
+    transposed convolution it removes the alternation that the kernel's uneven overlap leaves."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        taps = torch.tensor([1.0, 3.0, 3.0, 1.0])
+        kernel = torch.outer(taps, taps) / taps.sum() ** 2
+        self.register_buffer("kernel", kernel.expand(channels, 1, 4, 4).contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(x, self.kernel.to(x.dtype), padding=1, groups=x.shape[1])
+
+    def extra_repr(self) -> str:
+        return f"channels={self.kernel.shape[0]}, taps=[1, 3, 3, 1]"
+
+
+def _upsampler(c: ModelConfig, w_in: int, w_out: int, bias: bool) -> tuple[str, dict[str, nn.Module | None]]:
+    """One stride-2 upsampling layer of ``c.upsample``: its row label and its layers before the norm."""
+    if c.upsample == "transposed":
+        return _conv_label("T. Conv", 4), {"conv": nn.ConvTranspose2d(w_in, w_out, 4, stride=2, padding=1, bias=bias)}
+    if c.upsample == "transposed-blur":  # StyleGAN2's: side 2n + 1, which the 4-tap filter brings to 2n, centred
+        return (f"{_conv_label('T. Conv', 3)} + blur [1,3,3,1]",
+                {"conv": nn.ConvTranspose2d(w_in, w_out, 3, stride=2, padding=0, bias=bias), "blur": Blur(w_out)})
+    if c.upsample == "subpixel":
+        return f"{_conv_label('Conv', 3)} + pixel shuffle × 2", {"conv": SubPixelConv2d(w_in, w_out, bias=bias)}
+    return (f"Upsample × 2 + {_conv_label('Conv', 3)}",
+            {"resize": nn.Upsample(scale_factor=2, mode=c.resize_mode),
+             "conv": nn.Conv2d(w_in, w_out, 3, stride=1, padding=1, bias=bias)})
+
+
 def _conv_label(kind: str, k: int) -> str:
     return f"{kind} {k} × {k}"
 
@@ -254,26 +309,18 @@ class Generator(nn.Module):
         widths = (*c.generator_widths, c.channels)
         self.up = nn.ModuleList()
         for w_in, w_out in itertools.pairwise(widths):
-            if c.upsample == "transposed":
-                label, resize = _conv_label("T. Conv", 4), None
-                conv = nn.ConvTranspose2d(w_in, w_out, 4, stride=2, padding=1, bias=not batch_norm)
-            else:
-                label = f"Upsample × 2 + {_conv_label('Conv', 3)}"
-                resize = nn.Upsample(scale_factor=2, mode=c.resize_mode)
-                conv = nn.Conv2d(w_in, w_out, 3, stride=1, padding=1, bias=not batch_norm)
+            label, layers = _upsampler(c, w_in, w_out, bias=not batch_norm)
             self.up.append(Block(
                 label, "Leaky ReLU",
-                resize=resize,
-                conv=conv,
+                **layers,
                 norm=nn.BatchNorm2d(w_out) if batch_norm else None,
                 act=nn.LeakyReLU(c.leaky_slope),
                 drop=dropout(),
             ))
-        # A stride-1 transposed conv is a conv with a flipped kernel, so the resize variant uses a plain conv.
-        out_conv = (nn.ConvTranspose2d if c.upsample == "transposed" else nn.Conv2d)(c.channels, c.channels, 3, 1, 1)
-        self.out = Block(
-            _conv_label("T. Conv" if c.upsample == "transposed" else "Conv", 3), "Tanh", conv=out_conv, act=nn.Tanh()
-        )
+        # A stride-1 transposed conv is a conv with a flipped kernel, so the other upsamplings use a plain conv.
+        transposed = c.upsample.startswith("transposed")
+        out_conv = (nn.ConvTranspose2d if transposed else nn.Conv2d)(c.channels, c.channels, 3, 1, 1)
+        self.out = Block(_conv_label("T. Conv" if transposed else "Conv", 3), "Tanh", conv=out_conv, act=nn.Tanh())
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """``z`` of shape (B, latent_dim) or (B, latent_dim, 1, 1) -> images (B, channels, S, S) in [-1, 1]."""
@@ -353,7 +400,8 @@ class Critic(nn.Module):
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """DCGAN initialisation (Radford et al. 2016): conv/linear weights ~ N(0, std), norm scales ~ N(1, std),
-    biases 0. The poster's Chainer lineage uses the same Normal(0.02)."""
+    biases 0. The poster's Chainer lineage uses the same Normal(0.02). Sub-pixel convolutions take ICNR's
+    N(0, std) instead (:meth:`SubPixelConv2d.icnr_`)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             nn.init.normal_(m.weight, 0.0, std)
@@ -362,6 +410,8 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)) and m.weight is not None:
             nn.init.normal_(m.weight, 1.0, std)
             nn.init.zeros_(m.bias)
+        if isinstance(m, SubPixelConv2d):
+            m.icnr_(std)
 
 
 def build_models(config: str | ModelConfig = "paper") -> tuple[Generator, Critic]:

@@ -242,3 +242,81 @@ def test_cli_unknown_preset_exits_2_with_the_presets():
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1 and "Traceback" not in message
     assert "'huge'" in message and "paper" in message and "tiny" in message
+
+
+# --------------------------------------------------------------------------------------------
+# upsampling without the grid (issue 19)
+
+GRID_FREE = ("subpixel", "transposed-blur", "resize")
+
+
+def _untrained_checkerboard(upsample: str, seed: int) -> float:
+    import brats_gan.metrics as M
+
+    torch.manual_seed(seed)
+    generator, _ = build_models(dataclasses.replace(PRESETS["tiny"], upsample=upsample))
+    generator.eval()
+    with torch.no_grad():
+        images = generator(torch.randn(32, 128, generator=torch.Generator().manual_seed(9)))
+    return M.checkerboard_score(images)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_untrained_grid_free_generators_show_no_grid_where_the_transposed_one_does(seed):
+    """What a user would see in the first samples: the poster's transposed convolutions start with a grid
+    of 17-21 dB (the real phantoms: 1.2 dB); the other upsamplings start within a few dB of 0."""
+    transposed = _untrained_checkerboard("transposed", seed)
+    assert transposed > 10.0
+    for upsample in GRID_FREE:
+        score = _untrained_checkerboard(upsample, seed)
+        assert score < 5.0 and score < transposed - 10.0, (upsample, score, transposed)
+
+
+@pytest.mark.parametrize("upsample", ["subpixel", "transposed-blur"])
+@pytest.mark.parametrize("base", ["tiny", "paper"])
+def test_grid_free_upsampling_keeps_every_shape_of_table_I(base, upsample):
+    poster = dataclasses.replace(PRESETS[base], upsample="transposed")
+    plain, _ = build_models(poster)
+    other, _ = build_models(dataclasses.replace(poster, upsample=upsample))
+    plain_rows, rows = layer_table(plain), layer_table(other)
+    assert [r["output_shape"] for r in rows] == [r["output_shape"] for r in plain_rows]
+    label = {"subpixel": "Conv 3 × 3 + pixel shuffle × 2", "transposed-blur": "T. Conv 3 × 3 + blur [1,3,3,1]"}
+    assert [r["layer"] for r in rows[3:-1]] == [label[upsample]] * len(poster.generator_widths)
+    assert sum(r["parameters"] for r in rows) == count_parameters(other)
+
+
+def test_subpixel_layer_starts_as_nearest_neighbour_upsampling():
+    """ICNR (Aitken et al. 2017): at initialisation each 2x2 block of the output is one value, so there is no
+    checkerboard to unlearn; the four sub-pixel kernels are separate weights that training can pull apart."""
+    torch.manual_seed(0)
+    generator, _ = build_models(dataclasses.replace(PRESETS["tiny"], upsample="subpixel"))
+    layer = generator.up[0].conv
+    with torch.no_grad():
+        out = layer(torch.randn(2, 64, 4, 4))
+    assert out.shape == (2, 32, 8, 8)
+    assert torch.equal(out, torch.nn.functional.interpolate(out[..., ::2, ::2], scale_factor=2, mode="nearest"))
+    assert abs(layer.weight.std() - 0.02) < 0.005, "ICNR's sub-kernel draws N(0, init_std)"
+    with torch.no_grad():
+        layer.weight[1].add_(1.0)
+        out = layer(torch.randn(2, 64, 4, 4))
+    assert not torch.equal(out, torch.nn.functional.interpolate(out[..., ::2, ::2], scale_factor=2, mode="nearest"))
+
+
+def test_blurred_transposed_layer_doubles_the_side_centred_and_removes_the_2px_alternation():
+    torch.manual_seed(0)
+    generator, _ = build_models(dataclasses.replace(PRESETS["tiny"], upsample="transposed-blur"))
+    block = generator.up[0]
+    with torch.no_grad():
+        block.conv.weight.fill_(1.0)
+        impulse = torch.zeros(1, 64, 4, 4)
+        impulse[..., 1, 2] = 1.0
+        out = block.blur(block.conv(impulse))[0, 0]
+        assert out.shape == (8, 8)
+        ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+        centre = (float((out * ys).sum() / out.sum()), float((out * xs).sum() / out.sum()))
+        assert centre == pytest.approx((2 * 1 + 0.5, 2 * 2 + 0.5)), "input pixel i covers output pixels 2i, 2i+1"
+        # the transposed convolution's 9 x 9 output: an alternation of period 2 goes, a constant stays
+        ys, xs = torch.meshgrid(torch.arange(9.0), torch.arange(9.0), indexing="ij")
+        blurred = block.blur(((ys + xs) % 2 * 2 - 1).expand(1, 32, 9, 9))[0, 0]
+        assert blurred.shape == (8, 8) and blurred[1:-1, 1:-1].abs().max() < 1e-6
+        assert torch.allclose(block.blur(torch.ones(1, 32, 9, 9))[0, 0, 1:-1, 1:-1], torch.ones(6, 6))
