@@ -3,16 +3,18 @@ and one two-rank training run that several test modules compare their runs with.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 from store_factory import store_factory  # noqa: F401  (a fixture the ones below use)
-from training_runs import REPO, TINY, UNINTERRUPTED_STEPS, launch
+from training_runs import PORTS, REPO, TINY, UNINTERRUPTED_STEPS, launch
 
 REAL_CASE = REPO.parent / "shared/data/brats2023-sample"
 
@@ -76,19 +78,58 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def shm_buffers() -> set[Path]:
-    """DeepSpeed's CPU all-reduce buffers in /dev/shm (one per rank and run)."""
-    return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+def shm_buffers(port: int | None = None) -> set[Path]:
+    """DeepSpeed's /dev/shm all-reduce buffers (one per rank) that a test may call its own: with ``port``,
+    those of the job with that master port (a launch's, whose port the test picked); without, this user's
+    that no live process maps (what a one-process run, whose port the test cannot know, would leave), so
+    that another job running beside the suite is never counted."""
+    from brats_gan import distributed  # here: collecting the suite needs no torch
+
+    if port is not None:
+        return distributed.shm_buffers(port)
+    mapped = distributed.mapped_shm_names()
+    return {path for path in distributed.shm_buffers() if path.name not in mapped}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def sweep_deepspeed_shm():
-    """Remove the /dev/shm all-reduce buffers of DeepSpeed runs this session killed with SIGKILL
-    (a finished run unlinks its own; see brats_gan.distributed.remove_shm_buffer)."""
-    before = shm_buffers()
+def sweep_deepspeed_shm() -> Iterator[None]:
+    """Remove the /dev/shm all-reduce buffers that DeepSpeed runs of this session left (runs killed with
+    SIGKILL; a finished run unlinks its own): those of the master ports it handed out, no other job's."""
     yield
-    for leftover in shm_buffers() - before:
-        leftover.unlink(missing_ok=True)
+    for port in PORTS:
+        for leftover in shm_buffers(port):
+            leftover.unlink(missing_ok=True)
+
+
+def _torch_extensions_dir(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The suite's own folder of built torch extensions, kept between runs for this interpreter
+    environment and these torch and DeepSpeed versions (another virtualenv's build in the shared
+    ~/.cache/torch_extensions made a run rebuild DeepSpeed's op inside a test's file-size limit)."""
+    versions = "-".join(f"{name}{importlib.metadata.version(name)}" for name in ("torch", "deepspeed"))
+    environment = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    key = f"py{sys.version_info[0]}{sys.version_info[1]}-{versions}-{environment}"
+    cache = getattr(config, "cache", None)  # absent with -p no:cacheprovider: then this session's own
+    root = cache.mkdir("torch_extensions") if cache is not None else tmp_path_factory.getbasetemp() / "torch_extensions"
+    return root / key
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_extensions(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """TORCH_EXTENSIONS_DIR of every process the suite starts: the suite's own (see above)."""
+    folder = _torch_extensions_dir(pytestconfig, tmp_path_factory)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_EXTENSIONS_DIR", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="session")
+def deepspeed_op(torch_extensions: Path) -> Path:
+    """DeepSpeed's CPU shared-memory op built (~30 s the first time) or found in the suite's folder, by
+    a process of its own without resource limits, before any test that launches DeepSpeed under one."""
+    proc = subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, f"building DeepSpeed's op in {torch_extensions} failed:\n{proc.stderr[-3000:]}"
+    return torch_extensions
 
 
 @pytest.fixture(scope="session")
@@ -129,13 +170,12 @@ def store(store_factory) -> Path:  # noqa: F811
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def uninterrupted(store: Path, tmp_path_factory: pytest.TempPathFactory, deepspeed_op: Path) -> Path:
     """Two ranks on one node, UNINTERRUPTED_STEPS (12) tiny steps, a checkpoint every 3: the reference the killed-and-resumed
     run (test_train.py) and the two-node run (test_multinode.py) must reproduce. Read-only."""
     run = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    shm_before = shm_buffers()
     proc = launch("--store", store, "--out", run, "--steps", str(UNINTERRUPTED_STEPS), *TINY)
     assert proc.returncode == 0, proc.output
-    leaked = shm_buffers() - shm_before
+    leaked = shm_buffers(proc.port)
     assert not leaked, f"a finished run must not leave DeepSpeed's shared memory behind: {leaked}"
     return run

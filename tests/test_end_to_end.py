@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,9 @@ from training_runs import REPO
 
 
 @pytest.mark.slow
-def test_the_whole_job_runs_time_boxed_and_reports_one_json_line(tmp_path: Path) -> None:
+def test_the_whole_job_runs_time_boxed_and_reports_one_json_line(tmp_path: Path, deepspeed_op: Path) -> None:
     work = tmp_path / "work"
-    shm_before = shm_buffers()
+    leftovers_before = shm_buffers()
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "end_to_end.py"), "--preset", "tiny", "--seconds", "4",
          "--checkpoint-every", "3", "--phantoms", "6", "--train-subjects", "1-4", "--heldout-subjects", "5-6",
@@ -38,7 +39,10 @@ def test_the_whole_job_runs_time_boxed_and_reports_one_json_line(tmp_path: Path)
         assert training[key] > 0, key
     assert 0 < training["end_to_end_share_of_train_step"] <= 2 * training["step_share_of_train_step"]
     assert [step for step, _ in training["swd_by_step"]] == list(range(3, training["steps"] + 1, 3))
-    assert shm_buffers() <= shm_before, "the killed run's DeepSpeed buffer is swept"
+    launched = re.search(r"--master_port[= ](\d+)", (work / "train-tiny.log").read_text())
+    assert launched, "the launcher's command line names its master port"
+    assert not shm_buffers(int(launched[1])), "the killed run's DeepSpeed buffers are swept"
+    assert shm_buffers() <= leftovers_before, "the baseline's one-process run freed its buffer"
     for which in ("best", "latest"):
         figures = tiny["checkpoints"][which]
         assert figures["step"] % 3 == 0 and Path(figures["grid"]).stat().st_size > 0

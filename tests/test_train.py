@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,9 +31,11 @@ from training_runs import (
     LAUNCH_TIMEOUT,
     REPO,
     TINY,
+    Listeners,
     assert_same_weights,
     launch,
     launcher,
+    master_port,
     metric_steps,
     model_states,
 )
@@ -295,10 +298,9 @@ def test_sigterm_stops_every_rank_after_one_step_checkpoints_it_and_resuming_mat
         store: Path, uninterrupted: Path, tmp_path: Path) -> None:
     """What SLURM's scancel or time limit does first: SIGTERM to every process of the job."""
     run = tmp_path / "terminated"
-    shm_before = shm_buffers()
+    command = launcher("--store", store, "--out", run, "--steps", "1000", "--checkpoint-on-signal", *TINY)
     with open(tmp_path / "terminated.log", "w") as log:
-        proc = subprocess.Popen(launcher("--store", store, "--out", run, "--steps", "1000", "--checkpoint-on-signal",
-                                         *TINY), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
         try:
             deadline = time.monotonic() + LAUNCH_TIMEOUT
             while not (run / "metrics.csv").exists() or len(metric_steps(run)) < 4:
@@ -320,7 +322,7 @@ def test_sigterm_stops_every_rank_after_one_step_checkpoints_it_and_resuming_mat
     assert step is not None and step == metric_steps(run)[-1], "the step at which it stopped is checkpointed"
     assert output.count(f"stopped by SIGTERM after step {step}: checkpoint {step} holds it; continue with --resume") == 1
     assert "Traceback" not in output, output
-    assert shm_buffers() <= shm_before, "every rank left the process group and freed DeepSpeed's buffer"
+    assert not shm_buffers(master_port(command)), "every rank left the process group and freed DeepSpeed's buffer"
     if step >= 12:
         pytest.skip(f"the run was already at step {step} when SIGTERM landed")
     proc = launch("--out", run, "--resume", "--steps", "12")
@@ -329,7 +331,7 @@ def test_sigterm_stops_every_rank_after_one_step_checkpoints_it_and_resuming_mat
     assert_same_weights(run, uninterrupted, 12)
 
 
-def test_a_full_disk_at_a_checkpoint_stops_with_one_line_not_a_traceback(store: Path, uninterrupted: Path,
+def test_a_full_disk_at_a_checkpoint_stops_with_one_line_not_a_traceback(store: Path, deepspeed_op: Path,
                                                                           tmp_path: Path) -> None:
     import resource
 
@@ -340,7 +342,7 @@ def test_a_full_disk_at_a_checkpoint_stops_with_one_line_not_a_traceback(store: 
     proc = subprocess.run([sys.executable, "-m", "brats_gan", "train", "--store", str(store), "--out", str(run),
                            "--preset", "tiny", "--steps", "3", "--checkpoint-every", "1", "--sample-every", "0"],
                           check=False, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, preexec_fn=small_files,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # uninterrupted: the shared-memory op is built
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # deepspeed_op: built outside the limit
     assert proc.returncode == 5, proc.stderr
     assert "cannot write checkpoint 1 to" in proc.stderr and "GiB free there): training stopped" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -379,11 +381,8 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def test_one_process_listens_on_loopback_only_and_sigterm_exits_143(store: Path, tmp_path: Path) -> None:
-    import ipaddress
-
-    import psutil
-
+def test_one_process_listens_on_loopback_only_and_sigterm_exits_143(store: Path, deepspeed_op: Path,
+                                                                    tmp_path: Path) -> None:
     run = tmp_path / "one"
     with open(tmp_path / "one.log", "w") as log:  # streamed: the loader workers get SIGTERM too and must not die of it
         proc = subprocess.Popen([sys.executable, "-m", "brats_gan", "train", "--store", str(store), "--out", str(run),
@@ -391,15 +390,16 @@ def test_one_process_listens_on_loopback_only_and_sigterm_exits_143(store: Path,
                                  "--cache", "stream", "--num-workers", "2"], start_new_session=True,
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         try:
-            deadline = time.monotonic() + LAUNCH_TIMEOUT
-            while not (run / "metrics.csv").exists() or not metric_steps(run):
-                assert proc.poll() is None, (tmp_path / "one.log").read_text()
-                assert time.monotonic() < deadline, "no step in time"
-                time.sleep(0.05)
-            listening = [c.laddr.ip for c in psutil.Process(proc.pid).net_connections(kind="inet")
-                         if c.status == psutil.CONN_LISTEN]
-            assert all(ipaddress.ip_address(ip).is_loopback for ip in listening), listening
-            assert len(psutil.Process(proc.pid).children()) >= 2, "two loader workers"
+            with Listeners(proc.pid) as listeners:  # from start-up to the third step, the loader workers included
+                deadline = time.monotonic() + LAUNCH_TIMEOUT
+                while not (run / "metrics.csv").exists() or len(metric_steps(run)) < 3:
+                    assert proc.poll() is None, (tmp_path / "one.log").read_text()
+                    assert time.monotonic() < deadline, "no third step in time"
+                    time.sleep(0.05)
+                workers = len(psutil.Process(proc.pid).children())
+            assert listeners.seen and listeners.samples > 10, "the sampling saw the run's sockets"
+            assert not listeners.beyond_loopback(), listeners.seen
+            assert workers >= 2, "two loader workers"
             os.killpg(proc.pid, signal.SIGTERM)  # every process of the job, as scancel or the launcher does
             assert proc.wait(timeout=60) == 143, (tmp_path / "one.log").read_text()
         finally:
@@ -415,19 +415,28 @@ def test_one_process_listens_on_loopback_only_and_sigterm_exits_143(store: Path,
 def test_a_start_sweeps_deepspeed_buffers_that_no_process_maps(tmp_path: Path) -> None:
     import mmap
 
-    from brats_gan.distributed import SHM, SHM_BUFFER_PREFIX, sweep_stale_shm_buffers
+    from brats_gan.distributed import SHM, shm_buffer_name, sweep_stale_shm_buffers
 
-    names = {kind: SHM / f"{SHM_BUFFER_PREFIX}{os.getuid()}_test_{os.getpid()}_{kind}" for kind in
-             ("orphan", "mapped", "young")}
+    # Jobs of this test's own, by master address "test-<pid>": a killed one, a live one of which only rank 1's
+    # buffer is mapped (rank 0's must stay: a starting peer may still open it), a young one, another owner's.
+    addr = f"test-{os.getpid()}"
+    names = {kind: SHM / shm_buffer_name(rank, addr, port) for kind, rank, port in
+             (("orphan", 0, 1), ("live_rank0", 0, 2), ("live_rank1", 1, 2), ("young", 0, 3), ("foreign", 0, 4))}
     try:
-        for path in names.values():
+        for kind, path in names.items():
             path.write_bytes(b"\0" * 4096)
-        for kind in ("orphan", "mapped"):
-            os.utime(names[kind], (time.time() - 600, time.time() - 600))
-        with open(names["mapped"], "r+b") as f, mmap.mmap(f.fileno(), 4096):  # a live run's buffer
+            if kind != "young":
+                os.utime(path, (time.time() - 600, time.time() - 600))
+        if os.getuid() == 0:  # as root the sweep could unlink anyone's buffer: it must not
+            os.chown(names["foreign"], 12345, -1)
+            os.utime(names["foreign"], (time.time() - 600, time.time() - 600))
+        else:
+            names["foreign"].unlink()
+        with open(names["live_rank1"], "r+b") as f, mmap.mmap(f.fileno(), 4096):  # a live run's buffer
             removed = sweep_stale_shm_buffers()
         assert names["orphan"] in removed and not names["orphan"].exists()
-        assert names["mapped"].exists() and names["young"].exists()
+        kept = ["live_rank0", "live_rank1", "young"] + (["foreign"] if os.getuid() == 0 else [])
+        assert all(names[kind].exists() for kind in kept), {kind: names[kind].exists() for kind in kept}
     finally:
         for path in names.values():
             path.unlink(missing_ok=True)

@@ -7,10 +7,12 @@ machine), which compare their runs with the same reference run (``uninterrupted`
 from __future__ import annotations
 
 import csv
+import ipaddress
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,11 +21,18 @@ UNINTERRUPTED_STEPS = 12
 LAUNCH_TIMEOUT = 300
 
 
+#: every master port this session handed out: DeepSpeed names its /dev/shm buffers by it, so these and no
+#: others are the session's own (conftest.py sweeps what its killed runs left, never another job's)
+PORTS: set[int] = set()
+
+
 def free_port() -> int:
     """A port free now: other suites may be running launchers on this machine too."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    PORTS.add(port)
+    return port
 
 
 def deepspeed_command() -> list[str]:
@@ -31,17 +40,68 @@ def deepspeed_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
-def launcher(*args: str | Path, ranks: int = 2) -> list[str]:
-    """``deepspeed --num_gpus N --master_port P --module brats_gan.train ARGS`` on a free port."""
-    return [*deepspeed_command(), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+def launcher(*args: str | Path, ranks: int = 2, port: int | None = None) -> list[str]:
+    """``deepspeed --num_gpus N --master_port P --module brats_gan.train ARGS``, on a free port unless given."""
+    return [*deepspeed_command(), "--num_gpus", str(ranks), "--master_port", str(port or free_port()),
             "--module", "brats_gan.train", *map(str, args)]
 
 
+def master_port(command: list[str]) -> int:
+    """The master port of a :func:`launcher` command line (its DeepSpeed buffers carry it)."""
+    return int(command[command.index("--master_port") + 1])
+
+
 def launch(*args: str | Path, ranks: int = 2) -> subprocess.CompletedProcess:
-    proc = subprocess.run(launcher(*args, ranks=ranks), check=False, capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT, cwd=REPO)
+    """A launch run to its end; ``output`` holds stdout and stderr, ``port`` its master port."""
+    command = launcher(*args, ranks=ranks)
+    proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=REPO)
     proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
+    proc.port = master_port(command)  # type: ignore[attr-defined]
     return proc
+
+
+class Listeners:
+    """Every TCP address that a process or any of its descendants listens on, sampled continuously by a
+    thread from entering until leaving (a listener that lived only around one step is seen too)."""
+
+    INTERVAL_S = 0.02
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.seen: dict[tuple[str, int], tuple[int, str]] = {}  # (address, port) -> (pid, command) first seen
+        self.samples = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> Listeners:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        import psutil  # here: conftest.py imports this module for every test session
+
+        while not self._done.wait(self.INTERVAL_S):
+            try:
+                root = psutil.Process(self.pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for proc in tree:
+                try:
+                    for conn in proc.net_connections(kind="tcp"):
+                        if conn.status == psutil.CONN_LISTEN and tuple(conn.laddr) not in self.seen:
+                            self.seen[tuple(conn.laddr)] = (proc.pid, " ".join(proc.cmdline()[:4]))
+                except psutil.Error:
+                    continue
+            self.samples += 1
+
+    def beyond_loopback(self) -> dict[tuple[str, int], tuple[int, str]]:
+        """The listeners seen that other machines could reach (on ``::`` or ``0.0.0.0`` included)."""
+        return {addr: who for addr, who in self.seen.items() if not ipaddress.ip_address(addr[0]).is_loopback}
 
 
 def metric_rows(run: Path) -> list[dict[str, str]]:

@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         with stop_on_sigterm():
             return run(args)
     except UserError as err:
+        local_rank = os.environ.get("LOCAL_RANK", str(args.local_rank or 0))
+        if getattr(err, "every_rank", False) and local_rank != "0":
+            return 2  # a launcher setting every rank shares (distributed.LaunchError): the node's first rank says it
         print(f"brats_gan.train{where}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C twice, or SIGTERM before training started (stopping.Stopped)
