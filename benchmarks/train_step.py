@@ -56,6 +56,7 @@ from brats_gan.data import Position, to_model
 from brats_gan.distributed import DistEnv, init_distributed, shutdown_distributed
 from brats_gan.loss import WGANLoss
 from brats_gan.models import PRESETS, FlopCount, build_models, get_config
+from brats_gan.recipes import model_config
 from brats_gan.train import build_engine, engine_loss
 from brats_gan.train_config import TrainingConfig, load_deepspeed_config
 
@@ -100,11 +101,12 @@ class DeepSpeedSide:
 
 
 class TorchLoop:
-    """The same phases (``WGANLoss``: WGAN-GP, no DiffAugment) on plain modules and ``torch.optim.Adam``."""
+    """The same phases (``WGANLoss``: WGAN-GP, no DiffAugment) on plain modules and ``torch.optim.Adam``, with
+    the networks the DeepSpeed side trains (the preset's, with its recipe's model fields)."""
 
     def __init__(self, preset: str, adam: dict[str, Any], device: str, dtype: torch.dtype, n_critic: int,
                  gp_lambda: float, batch_size: int, seed: int) -> None:
-        self.config = get_config(preset)
+        self.config = model_config(preset)
         self.dtype = dtype
         self.n_critic, self.batch_size = n_critic, batch_size
         torch.manual_seed(seed)
@@ -113,6 +115,7 @@ class TorchLoop:
         self.critic = critic.to(device, dtype)
         g_master, g_opt = self._optimizer(self.generator, adam)
         c_master, c_opt = self._optimizer(self.critic, adam)
+        self.optimizers = {"generator": g_opt, "critic": c_opt}
         self.phases = WGANLoss(
             critic=self.critic, critic_module=self.critic, generator=self.generator, generator_module=self.generator,
             update_critic=lambda loss: self._update(loss, self.critic, c_master, c_opt),
@@ -229,10 +232,11 @@ def time_interleaved(sides: dict[str, Callable[[], Any]], warmup: int, steps: in
     return times
 
 
-def deepspeed_config(preset: str, dtype_name: str, batch_size: int, world_size: int = 1) -> dict[str, Any]:
-    """The preset's recipe at ``batch_size``; for bf16 what ``deepspeed_configs/paper_bf16.json`` adds.
-    ``end_to_end.py`` trains with the same config, so that the two figures compare like with like."""
-    config = load_deepspeed_config(None, preset, world_size=world_size)
+def deepspeed_config(preset: str, dtype_name: str, batch_size: int, world_size: int = 1,
+                     recipe: str | None = None) -> dict[str, Any]:
+    """The preset's recipe (or ``recipe``) at ``batch_size``; for bf16 what ``deepspeed_configs/paper_bf16.json``
+    adds. ``end_to_end.py`` trains with the same config, so that the two figures compare like with like."""
+    config = load_deepspeed_config(None, preset, world_size=world_size, recipe=recipe)
     config["train_micro_batch_size_per_gpu"] = batch_size
     if dtype_name == "bf16":
         config.update(bf16={"enabled": True}, data_types={"buffer_dtype": "bf16"})
