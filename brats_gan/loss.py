@@ -15,6 +15,9 @@ DeepSpeed allows a backward through a graph built by calling an engine only insi
 ``backward()``. So ``critic`` (the engine) is called only for the scores its own update differentiates; the
 penalty's ``autograd.grad`` and the generator's loss go through ``critic_module``, whose parameters are
 frozen (``requires_grad_``) for the generator step, else their gradients would leak into the next critic step.
+
+In fp16 the penalty's pass runs in fp32 on casts of the critic's weights (:func:`float32_call`), where its
+input gradient cannot overflow; fp32 and bf16 run every phase in the networks' own precision.
 """
 
 from __future__ import annotations
@@ -43,6 +46,25 @@ def frozen(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for p in params:
             p.requires_grad_(True)
+
+
+def float32_call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` in fp32 on fp32 copies of a half-precision module's weights and buffers.
+
+    The copies are casts, so a backward through the result reaches the module's own (fp16) parameters, and
+    buffers a layer updates (batch norm's running statistics) are written back. The gradient penalty needs
+    it: in fp16, the differentiable backward of group norm (what ``create_graph`` runs) overflows on the
+    critic's freshly initialised weights, and the penalty was NaN at step 1. Here the input gradient and
+    its double backward are fp32, and only the parameters' gradients end in fp16, where the optimizer's
+    dynamic loss scaling watches them for overflow.
+    """
+    params = {name: p.float() for name, p in module.named_parameters()}
+    buffers = {name: b.float() if b.is_floating_point() else b for name, b in module.named_buffers()}
+    out = torch.func.functional_call(module, {**params, **buffers}, (x,))
+    for name, b in module.named_buffers():
+        if b.is_floating_point():  # as batch norm updates its own: unseen by autograd, which saved them
+            b.data.copy_(buffers[name])
+    return out
 
 
 @dataclass
@@ -98,10 +120,18 @@ class WGANLoss:
         return loss.detach(), (real_score - fake_score).detach(), penalty.detach()
 
     def gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        """``E[(|grad_x D(x_hat)| - 1)^2]`` at random interpolates, differentiable (double backward)."""
+        """``E[(|grad_x D(x_hat)| - 1)^2]`` at random interpolates, differentiable (double backward).
+
+        In fp16 this pass runs in fp32 (:func:`float32_call`); fp32 and bf16 call the critic as it is.
+        """
         eps = torch.rand(real.shape[0], 1, 1, 1, device=self.device, dtype=self.dtype)
-        x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
-        score = self.critic_module(x_hat)
+        x_hat = eps * real + (1 - eps) * fake
+        if self.dtype == torch.float16:
+            x_hat = x_hat.float().requires_grad_(True)
+            score = float32_call(self.critic_module, x_hat)
+        else:
+            x_hat.requires_grad_(True)
+            score = self.critic_module(x_hat)
         (grad,) = torch.autograd.grad(score.float().sum(), x_hat, create_graph=True)
         return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 

@@ -303,18 +303,27 @@ def load_deepspeed_config(path: str | None, preset: str, world_size: int, recipe
     return config
 
 
-def _check_precision(config: dict[str, Any], where: str) -> None:
-    """Refuse a mixed precision this machine's accelerator lacks (fp16 on a CPU), which DeepSpeed would
-    only report inside ``initialize``, as a traceback on every rank."""
+def precision_supported(dtype: str) -> bool:
+    """Whether DeepSpeed's accelerator on this machine trains in ``dtype`` ("fp16" or "bf16"). Its CPU
+    accelerator reports fp16 where oneDNN has it (AVX512-FP16 or AMX-FP16, e.g. Sapphire Rapids), and
+    oneDNN's own switch ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` hides it."""
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
-    device = accelerator.device_name()
-    for dtype, supported, instead in (("fp16", accelerator.is_fp16_supported, "bf16 (deepspeed_configs/paper_bf16.json)"),
-                                      ("bf16", accelerator.is_bf16_supported, "fp16 or fp32")):
-        if config.get(dtype, {}).get("enabled") and not supported():
+    return bool(accelerator.is_fp16_supported() if dtype == "fp16" else accelerator.is_bf16_supported())
+
+
+def _check_precision(config: dict[str, Any], where: str) -> None:
+    """Refuse a mixed precision this machine's accelerator lacks (fp16 on most CPUs), which DeepSpeed would
+    only report inside ``initialize``, as a traceback on every rank."""
+    from deepspeed.accelerator import get_accelerator
+
+    device = get_accelerator().device_name()
+    for dtype, instead in (("fp16", "bf16 (deepspeed_configs/paper_bf16.json)"), ("bf16", "fp16 or fp32")):
+        if config.get(dtype, {}).get("enabled") and not precision_supported(dtype):
+            why = " (DeepSpeed offers fp16 on CPUs with AVX512-FP16 or AMX-FP16 only)" if device == "cpu" else ""
             raise ConfigError(f"{where}: field '{dtype}.enabled': this machine's accelerator ({device}) does not "
-                              f"support {dtype} training; use {instead} or fp32 (deepspeed_configs/paper.json)")
+                              f"support {dtype} training{why}; use {instead} or fp32 (deepspeed_configs/paper.json)")
 
 
 def build_options(given: dict[tuple[str, str], Any], out: str | Path, resume: bool, world_size: int) -> Options:

@@ -127,12 +127,27 @@ def build_engine(module: torch.nn.Module, name: str, deepspeed_config: dict[str,
     return engine
 
 
+def seed_with_loss_scale(loss: torch.Tensor, engine: Any) -> None:
+    """Make the backward of ``loss`` start from the fp16 engine's loss scale, as a scaled loss would.
+
+    DeepSpeed's fp16 optimizers divide the gradients by their loss scale in ``step`` and skip an update
+    whose gradients overflowed (lowering the scale), but DeepSpeed 0.19 with ZeRO stage 0 never multiplies
+    the loss by that scale in ``backward`` (deepspeedai/DeepSpeed#8393): every update was 65536 times too
+    small (Adam's L2 weight decay as many times too strong), and fp16 gradients could underflow. Where
+    DeepSpeed scales the loss itself, the gradient arriving here already is the scale, and this changes nothing.
+    """
+    scale = float(engine.optimizer.loss_scale)
+    loss.register_hook(lambda grad: torch.full_like(grad, scale))
+
+
 def engine_loss(generator: Any, critic: Any, config: TrainingConfig, device: str) -> WGANLoss:
     """The WGAN phases (``brats_gan.loss``) on two DeepSpeed engines: each engine's own ``backward`` and
-    ``step`` update it."""
+    ``step`` update it (in fp16, from the loss scale: :func:`seed_with_loss_scale`)."""
 
     def update(engine: Any) -> Callable[[torch.Tensor], None]:
         def apply(loss: torch.Tensor) -> None:
+            if engine.fp16_enabled():
+                seed_with_loss_scale(loss, engine)
             engine.backward(loss)
             engine.step()
 
@@ -196,6 +211,7 @@ class Trainer:
             write_options(self.run_dir, saved)
         self._barrier()
         self.metrics = MetricsLog(self.run_dir, self.step) if self.is_main else None
+        self.skipped = self._skipped_updates()
 
 
     def _barrier(self) -> None:
@@ -250,6 +266,7 @@ class Trainer:
         start = time.perf_counter()
         figures, position = self.phases.iteration(batches, self.t.n_critic, self.stream.batch_size)
         self.step += 1
+        self._report_skipped()
         if self.ema is not None:
             self.ema.update(self.generator.module, self.step * self.generator_batch, self.generator_batch)
         bpe = self.stream.batches_per_epoch
@@ -271,6 +288,22 @@ class Trainer:
         if not all(math.isfinite(v) for v in (c_loss, wasserstein, penalty, g_loss)):
             raise TrainingDiverged(self._diverged_message(row))
         return row
+
+    def _skipped_updates(self) -> tuple[int, int]:
+        """Updates DeepSpeed skipped so far (critic, generator): fp16 gradients that overflowed."""
+        return self.critic.skipped_steps, self.generator.skipped_steps
+
+    def _report_skipped(self) -> None:
+        """Log the updates fp16's dynamic loss scaling skipped in this step. An overflow is not divergence:
+        DeepSpeed keeps the weights, lowers the loss scale and training goes on (the first steps overflow
+        until the scale fits); only a non-finite loss stops the run."""
+        skipped = self._skipped_updates()
+        critic, generator = (now - before for now, before in zip(skipped, self.skipped))
+        if critic or generator:
+            log.info("step %d: fp16 gradients overflowed, so DeepSpeed skipped %d critic and %d generator update(s) "
+                     "(loss scale now %g and %g; %d and %d skipped in all)", self.step, critic,
+                     generator, self.critic.optimizer.loss_scale, self.generator.optimizer.loss_scale, *skipped)
+        self.skipped = skipped
 
     def _diverged_message(self, row: dict[str, Any]) -> str:
         latest = read_latest(self.run_dir)
