@@ -35,7 +35,8 @@ What is reported per preset, dtype and side:
   ``int``, ``index`` (``__index__``), ``tolist``, ``cpu``, ``numpy`` (hooks on ``torch.Tensor`` while
   counting: ``tolist`` and a CPU tensor's ``cpu()`` never reach the dispatcher), and the operators of
   :data:`READ_OPS` reached otherwise (``nonzero``, ``masked_select``, indexing by a mask, ...: their
-  output's size depends on values, so the host waits for them; these also launch work).
+  output's size depends on values, so the host waits for them; these also launch work). What a read
+  method dispatches itself (on CUDA, ``tolist``'s copy to the host) is part of the read, not a launch.
 - ``phases``: the launching operators of each phase (:data:`PHASES`; a share is the count over
   ``launching_ops``), attributed by thin wrappers that the benchmark sets on the instances it counts
   (``WGANLoss``'s methods and callables, the critic engine's ``backward``, ``Tensor.backward``, the
@@ -226,8 +227,10 @@ class OpCounter(TorchDispatchMode):
         name = func._schema.name
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         self.ops += 1
+        if self._reading:  # the copy behind a read method (on CUDA, tolist's and cpu()'s to the host): the read
+            return out
         if name in READ_OPS or _indexes_by_mask(name, args):
-            if not self._reading and tensors:
+            if tensors:
                 self.read(READ_OPS.get(name, "index by mask"), tensors[0])
             if name == "aten::_local_scalar_dense":
                 return out
@@ -570,6 +573,10 @@ def main() -> None:
     what.add_argument("--from-record", action="store_true",
                       help=f"measure nothing: print what {RECORD.name} holds (all presets)")
     args = parser.parse_args()
+    if args.n_critic is not None and args.n_critic < 1:
+        parser.error(f"--n-critic must be at least 1, got {args.n_critic}")
+    if args.batch_size is not None and args.batch_size < 2:
+        parser.error(f"--batch-size must be at least 2 (batch norm needs two samples), got {args.batch_size}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.from_record:
