@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli, run_cli
+from conftest import cli, run_cli, shm_buffers
 from training_runs import LAUNCH_TIMEOUT, REPO, TINY, Listeners, free_port, launcher, master_port, metric_steps
 
 from brats_gan.commands import main as cli_main
@@ -130,8 +130,6 @@ def test_ranks_that_do_not_all_start_stop_waiting_with_one_line_and_sigterm_ends
 
 
 def test_the_rendezvous_names_a_taken_port_and_an_absent_rank_0_and_meets_on_loopback() -> None:
-    import psutil
-
     from brats_gan.distributed import DistEnv, LaunchError, rendezvous
 
     with socket.socket() as other:  # another job's master on the port
@@ -149,9 +147,25 @@ def test_the_rendezvous_names_a_taken_port_and_an_absent_rank_0_and_meets_on_loo
 
     stores = _meet({rank: DistEnv(rank, 2, rank, 2, "localhost", port, 30.0) for rank in (0, 1)})
     assert sorted(stores) == [0, 1], "both ranks met"
-    listening = [c.laddr for c in psutil.Process().net_connections(kind="tcp")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
-    assert [addr.ip for addr in listening] == ["127.0.0.1"], listening  # torch's own store listens on every address
+    assert _listening(port) == ["127.0.0.1"]  # torch's own store listens on every address
+
+    # A host name (a multi-node MASTER_ADDR, even one that resolves to loopback here): torch's binding, as before
+    host, port = socket.gethostname(), free_port()
+    try:
+        socket.getaddrinfo(host, port)
+    except OSError:
+        return
+    stores = _meet({rank: DistEnv(rank, 2, rank, 2, host, port, 30.0) for rank in (0, 1)})
+    assert sorted(stores) == [0, 1], f"both ranks met at {host}"
+    assert _listening(port), port
+
+
+def _listening(port: int) -> list[str]:
+    """The addresses on which this process listens at ``port``."""
+    import psutil
+
+    return [c.laddr.ip for c in psutil.Process().net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
 
 
 def _meet(env_of_rank: dict[int, object]) -> dict[int, object]:
@@ -231,6 +245,7 @@ def test_two_ranks_listen_on_loopback_only_and_ctrl_c_stops_them_with_one_line(s
     output = (tmp_path / "run.log").read_text()
     assert proc.returncode != 0
     assert len(re.findall(r"stopped by SIGINT after step \d+: ", output)) == 1, output
+    assert not shm_buffers(port), "every rank left the process group and freed DeepSpeed's buffer"
     frames = re.findall(r'File "([^"]+)"', output)
     assert not [f for f in frames if "brats_gan" in f], output
     if "Traceback" in output:
