@@ -380,7 +380,7 @@ def write_random_store(path: Path, image_size: int, samples: int, seed: int) -> 
 
     image = (np.random.default_rng(seed).uniform(-1, 1, (samples, 1, image_size, image_size))).astype(np.float16)
     store_writer.write_skeleton(str(path), channels=("flair",), size=image_size, shard=samples,
-                                subject=np.array(["BENCH-00000"] * samples, dtype=object),
+                                subject=["BENCH-00000"] * samples,
                                 attrs=store_writer.new_attrs(params={"benchmark": "dispatch.py"}, synthetic=True))
     zarr.open_group(str(path), mode="r+", use_consolidated=False)[schema.IMAGE][:] = image
     store_writer.seal(str(path), shard_crc32=[shard_checksum(image)])
