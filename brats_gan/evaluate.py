@@ -52,7 +52,7 @@ def _summaries(paths: dict[str, str | None]) -> dict[str, Any]:
 def _check_channels(summaries: dict[str, Any], notes: list[str]) -> dict[str, tuple[str, ...] | None]:
     """The channels each store is compared on (None: all, as stored).
 
-    Stores that name their channels (the schema's ``channel`` coordinate) are compared by name: the same
+    Stores that name their channels (the schema's ``channel_names``) are compared by name: the same
     modalities in any order, or the channels of the store with fewest (a synthetic store of a run
     trained on FLAIR alone) picked by name from the others. Any other difference is refused: FLAIR
     scored against T1 measures nothing. Stores without usable names fall back to counts: equal, or a
@@ -126,18 +126,14 @@ def metric_names(spec: str) -> list[str]:
 
 
 def open_store(path: str, channels: Sequence[str] | None = None) -> Any:
-    """The store as any xarray user opens it: pixels lazy, the per-sample coordinates read once (subjects as
-    Python strings: numpy's variable-length StringDType does not cast to the fixed-width one); ``channels``
-    picked by name, in that order (default: all)."""
-    import xarray as xr
+    """The store as :func:`brats_gan.schema.open_store` labels it (subject and channel names, either format),
+    pixels lazy, the per-sample coordinates read once; ``channels`` picked by name, in that order (default: all)."""
+    from brats_gan.schema import open_store as open_labelled
 
-    from brats_gan.schema import quiet_consolidated_warning
-
-    with quiet_consolidated_warning():
-        ds = xr.open_zarr(path)
+    ds = open_labelled(path)
     if channels is not None:
         ds = ds.sel(channel=list(channels))
-    return ds.assign_coords(subject=ds.subject.compute().astype(object), slice_index=ds.slice_index.compute())
+    return ds.assign_coords(slice_index=ds.slice_index.compute())
 
 
 def draw(n: int, max_images: int | None, rng: np.random.Generator) -> np.ndarray:

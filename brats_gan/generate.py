@@ -230,6 +230,23 @@ def synthesise(generator: Generator, checkpoint: Checkpoint, num: int, seed: int
             yield start, torch.cat(parts).numpy().astype(np.float16)
 
 
+def checkpoint_record(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The ``checkpoint`` attribute of a synthetic store: what drew it (run, step, preset, training store,
+    which weights, the weights file and its SHA-256, the generator's config), so that the store can be
+    traced to, and checked against, the exact weights."""
+    import dataclasses
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(checkpoint.weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"run": str(checkpoint.run.resolve()), "step": checkpoint.step, "preset": checkpoint.preset,
+            "training_store": checkpoint.training_store, "weights": checkpoint.weights_kind,
+            "weights_file": checkpoint.weights.relative_to(checkpoint.run).as_posix(),
+            "sha256": digest.hexdigest(), "model": dataclasses.asdict(checkpoint.model)}
+
+
 def synthetic_ids(checkpoint: Checkpoint, seed: int, num: int) -> np.ndarray:
     return np.array([f"synthetic-step{checkpoint.step}-seed{seed}-{i:06d}" for i in range(num)], dtype=object)
 
@@ -389,13 +406,12 @@ def _write_store(checkpoint: Checkpoint, out: Path, num: int, seed: int, batch_s
                              if checkpoint.reduced else None,
         "latent_dim": checkpoint.model.latent_dim,
         "noise": f"standard normal, per shard of {SHARD} from SeedSequence([seed, shard])",
+        "device": device,
     }
-    checkpoint_attr = {"run": str(checkpoint.run.resolve()), "step": checkpoint.step, "preset": checkpoint.preset,
-                       "training_store": checkpoint.training_store, "weights": checkpoint.weights_kind}
     store_writer.write_skeleton(
         str(out), channels=checkpoint.channels, size=size, shard=SHARD, subject=synthetic_ids(checkpoint, seed, num),
-        attrs=store_writer.new_attrs(params=params, synthetic=True, checkpoint=checkpoint_attr, seed=seed,
-                                     n_subjects=num),
+        attrs=store_writer.new_attrs(params=params, synthetic=True, checkpoint=checkpoint_record(checkpoint),
+                                     seed=seed, n_subjects=num),
     )
     image = zarr.open_group(str(out), mode="r+", use_consolidated=False)[schema.IMAGE]
     shown: list[np.ndarray] = []

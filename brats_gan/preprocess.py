@@ -10,8 +10,9 @@ How the work is laid out:
   what ``--resume`` trusts;
 - the client confirms slots in discovery order as results arrive (``SlotPlanner``) and sends again,
   with the right slot, the rare subject written where it does not belong (after a skipped one);
-- ``finalize_store`` trims the arrays to the stored subjects, writes the coordinates, drops the
-  markers, and sets ``complete: true`` last.
+- ``finalize_store`` trims the arrays to the stored subjects, writes the coordinates, the subject
+  table and each subject's provenance (carried by its marker), drops the markers, and sets
+  ``complete: true`` last.
 """
 
 from __future__ import annotations
@@ -37,16 +38,20 @@ from brats_gan.discover import Subject, canonical_modality
 from brats_gan.transforms import (
     SLICE_POLICIES,
     InvalidVolume,
+    SourceVolume,
     axial_area,
     axial_images,
     brain_mask,
     brain_percentiles,
     check_not_constant,
-    load_volume,
     normalise_brain,
+    orientation_codes,
     pad_or_crop,
+    pixel_to_voxel,
+    read_volume,
     reorient_to_ras,
     select_slices,
+    source_slices,
 )
 from brats_gan.verify import shard_checksum
 
@@ -115,10 +120,24 @@ class PreparedSubject:
     slice_index: np.ndarray | None = None
     tumour_fraction: np.ndarray | None = None
     error: str | None = None
+    provenance: dict[str, Any] | None = None  # JSON-ready: see :func:`source_record`
 
 
-def prepare_subject(subject: Subject, config: PreprocessConfig) -> PreparedSubject:
-    """Load, reorient, check, select slices, normalise and pad one subject (runs on a worker)."""
+def source_record(path: Path, volume: SourceVolume, input_folder: Path | None) -> dict[str, Any]:
+    """What the store's ``sources`` attribute says of one file: its path relative to the input folder
+    (the folder holding the subject folders, or above them), size, SHA-256 and voxel axes' orientation."""
+    if input_folder is not None:
+        relative = os.path.relpath(path, input_folder)
+    else:
+        relative = f"{path.parent.name}/{path.name}"
+    return {"path": Path(relative).as_posix(), "bytes": volume.size, "sha256": volume.sha256,
+            "orientation": orientation_codes(volume.affine)}
+
+
+def prepare_subject(subject: Subject, config: PreprocessConfig, input_folder: Path | None = None) -> PreparedSubject:
+    """Load, reorient, check, select slices, normalise and pad one subject (runs on a worker); also its
+    provenance: each file's record, and per channel the affine, spacing, shape, intensity window and the
+    map from stored pixels to the file's voxels."""
     try:
         for modality in (*config.modalities, "seg"):
             if modality in subject.problems:
@@ -126,10 +145,11 @@ def prepare_subject(subject: Subject, config: PreprocessConfig) -> PreparedSubje
         missing = [m for m in config.modalities if m not in subject.files]
         if missing:
             raise InvalidVolume(f"missing modality {', '.join(missing)} (found: {', '.join(sorted(subject.files))})")
-        volumes, areas, bounds = [], [], []
+        volumes, areas, bounds, files, channels = [], [], [], {}, []
         for modality in config.modalities:
             path = subject.files[modality]
-            data, affine = load_volume(path)
+            source = read_volume(path)
+            data, affine = source.data, source.affine
             brain = brain_mask(data)
             area = axial_area(brain, affine)
             check_not_constant(data, area, path.name)
@@ -141,25 +161,41 @@ def prepare_subject(subject: Subject, config: PreprocessConfig) -> PreparedSubje
                 raise InvalidVolume(
                     f"{path.name}: shape {volumes[-1].shape} differs from {config.modalities[0]}'s {volumes[0].shape}"
                 )
+            files[modality] = source_record(path, source, input_folder)
+            channels.append({"affine": affine.tolist(), "spacing": list(source.spacing), "shape": list(data.shape),
+                             "window": list(bounds[-1]),
+                             "pixel_to_voxel": pixel_to_voxel(affine, data.shape, config.size).tolist()})
         tumour_area = None
         if "seg" in subject.files:
-            seg, affine = load_volume(subject.files["seg"])
-            if reorient_to_ras(seg, affine).shape != volumes[0].shape:
+            seg = read_volume(subject.files["seg"])
+            if reorient_to_ras(seg.data, seg.affine).shape != volumes[0].shape:
                 raise InvalidVolume(f"{subject.files['seg'].name}: shape differs from {volumes[0].shape}")
-            tumour_area = axial_area(seg, affine)
+            tumour_area = axial_area(seg.data, seg.affine)
+            files["seg"] = source_record(subject.files["seg"], seg, input_folder)
         brain_area = areas[0]
         window = select_slices(config.slices, brain_area, config.slice_policy, tumour_area, config.slice_range)
-        channels = [normalise_brain(axial_images(vol[:, :, window]), lo, hi) for vol, (lo, hi) in zip(volumes, bounds)]
-        images = pad_or_crop(np.stack(channels, axis=1), config.size)
+        images = [normalise_brain(axial_images(vol[:, :, window]), lo, hi) for vol, (lo, hi) in zip(volumes, bounds)]
+        images = pad_or_crop(np.stack(images, axis=1), config.size)
         if tumour_area is None:
             fraction = np.full(config.slices, np.nan, dtype=np.float32)
         else:
             fraction = (tumour_area[window] / np.maximum(brain_area[window], 1)).astype(np.float32)
-        return PreparedSubject(
-            subject.id, images, np.arange(window.start, window.stop, dtype=np.int16), fraction
-        )
+        slice_index = np.arange(window.start, window.stop, dtype=np.int16)
+        for modality, channel in zip(config.modalities, channels):
+            axis, along = source_slices(np.array(channel["pixel_to_voxel"]), slice_index)
+            files[modality]["slice_axis"] = axis
+            channel["source_slice"] = along.tolist()
+        return PreparedSubject(subject.id, images, slice_index, fraction,
+                               provenance={"files": files, "channels": channels})
     except InvalidVolume as err:
         return PreparedSubject(subject.id, error=str(err))
+
+
+def input_root(subjects: Sequence[Subject]) -> Path | None:
+    """The folder the subjects were found in (the one holding their folders, or the folder above several
+    dataset folders): source paths are recorded relative to it, so a moved input still matches."""
+    parents = {str(Path(path).parent.parent.absolute()) for s in subjects for path in s.files.values()}
+    return Path(os.path.commonpath(sorted(parents))) if parents else None
 
 
 # ---------------------------------------------------------------- the store
@@ -206,7 +242,7 @@ def foreign_paths(store: Path) -> list[Path]:
     """The files and folders in ``store`` that are not the store's own: its group's ``zarr.json``, each
     array of the schema (its ``zarr.json`` and chunk files under ``c/``, named by numbers), the
     completion markers under ``progress/`` and zarr's temporary files of a write cut short."""
-    own_arrays = {schema.IMAGE, *schema.SAMPLE_COORDS, "channel"}
+    own_arrays = {schema.IMAGE, *schema.SAMPLE_COORDS, *schema.SOURCE_ARRAYS, *schema.LEGACY_ARRAYS}
     foreign: list[Path] = []
     for entry in _entries(store):
         if entry.name == "zarr.json" and _plain_file(entry):
@@ -276,6 +312,7 @@ def create_store(path: str, config: PreprocessConfig, planned: list[str], overwr
             size=config.size,
             shard=config.slices,
             subject=np.full(n, "", dtype=object),
+            sources=len(planned),
             attrs=store_writer.new_attrs(params=config.params(), synthetic=False, run_token=token,
                                          subjects_planned=list(planned)),
         )
@@ -317,6 +354,10 @@ def open_for_resume(
 ) -> tuple[str, dict[str, dict], bool]:
     """Check that a store was started with these parameters; return its token, markers and completeness."""
     attrs = schema.read_summary(path).attrs
+    if attrs.get("format_version") != schema.FORMAT_VERSION and not attrs.get("complete"):
+        raise PreprocessError(f"{path} was started by an older brats_gan (store format_version "
+                              f"{attrs.get('format_version')}, this one writes {schema.FORMAT_VERSION}); "
+                              "start it again with --overwrite")
     stored = attrs.get("params", {})
     wanted = config.params()
     diffs = [f"{k}: store has {stored.get(k)!r}, this run {wanted[k]!r}" for k in wanted if stored.get(k) != wanted[k]]
@@ -358,12 +399,13 @@ def write_subject(path: str, token: str, prepared: PreparedSubject, slot: int) -
             "crc32": shard_checksum(prepared.images),
             "slice_index": prepared.slice_index.tolist(),
             "tumour_fraction": [None if np.isnan(f) else float(f) for f in prepared.tumour_fraction],
+            "provenance": prepared.provenance,
         },
     )
 
 
-def store_subject(subject: Subject, config: PreprocessConfig, path: str, token: str, slot: int
-                  ) -> tuple[str, str | None, int, OSError | None]:
+def store_subject(subject: Subject, config: PreprocessConfig, path: str, token: str, slot: int,
+                  input_folder: Path | None = None) -> tuple[str, str | None, int, OSError | None]:
     """Prepare one subject and, if it is good, write it at ``slot``: (subject, error or None, slot, the
     store's write failure or None).
 
@@ -372,7 +414,7 @@ def store_subject(subject: Subject, config: PreprocessConfig, path: str, token: 
     A write that fails (a full disk, a quota) is returned, not raised: Dask's worker logs every task
     that raises with its traceback, and this failure is expected and said by the client in one line.
     """
-    prepared = prepare_subject(subject, config)
+    prepared = prepare_subject(subject, config, input_folder)
     if prepared.error is None:
         try:
             write_subject(path, token, prepared, slot)
@@ -398,8 +440,21 @@ def mark_skipped(path: str, subject: str, reason: str) -> None:
     )
 
 
-def finalize_store(path: str, config: PreprocessConfig, planned: list[str]) -> None:
-    """Trim to the stored subjects, write coordinates, drop markers, consolidate, then mark complete."""
+# the ``pixel_to_voxel``... arrays of the schema, from the items of each channel's provenance
+_SOURCE_ITEMS = {"pixel_to_voxel": "pixel_to_voxel", "source_affine": "affine", "voxel_spacing": "spacing",
+                 "source_shape": "shape", "intensity_window": "window"}
+
+
+def source_arrays(provenance: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """The per ``(source, channel)`` arrays of the stored subjects' provenance, rows in subject-table order."""
+    return {name: np.array([[channel[item] for channel in p["channels"]] for p in provenance],
+                           dtype=schema.SOURCE_ARRAYS[name][1])
+            for name, item in _SOURCE_ITEMS.items()}
+
+
+def finalize_store(path: str, config: PreprocessConfig, planned: list[str], input_folder: Path | None = None) -> None:
+    """Trim to the stored subjects, write coordinates, the subject table and each subject's provenance,
+    drop markers, consolidate, then mark complete."""
     markers = read_markers(path)
     stored = sorted((m["slot"], sid) for sid, m in markers.items() if m["status"] == "stored")
     if [slot for slot, _ in stored] != list(range(len(stored))):
@@ -414,17 +469,27 @@ def finalize_store(path: str, config: PreprocessConfig, planned: list[str]) -> N
         array = group[name]
         if array.shape[0] != total:
             array.resize((total, *array.shape[1:]))
-    group["subject"][:] = np.repeat(np.array(ids, dtype=object), n)
+    provenance = [markers[sid]["provenance"] for sid in ids]
+    for name, values in source_arrays(provenance).items():
+        array = group[name]
+        if array.shape != values.shape:
+            array.resize(values.shape)
+        array[...] = values
+    group["subject"][:] = np.repeat(np.arange(len(ids), dtype=np.int32), n)
     group["slice_index"][:] = np.concatenate([markers[sid]["slice_index"] for sid in ids]).astype(np.int16)
     group["tumour_fraction"][:] = np.array(
         [np.nan if f is None else f for sid in ids for f in markers[sid]["tumour_fraction"]], dtype=np.float32
     )
+    group["source_slice"][:] = np.concatenate(
+        [np.array([c["source_slice"] for c in p["channels"]], dtype=np.int32).T for p in provenance])
     skipped = [{"subject": sid, "reason": markers[sid]["reason"]}
                for sid in planned if markers.get(sid, {}).get("status") == "skipped"]
     crcs = [markers[sid].get("crc32") for sid in ids]
     del group[schema.PROGRESS_GROUP]
     store_writer.seal(path, shard_crc32=crcs if all(c is not None for c in crcs) else None,
-               skipped=skipped, n_subjects=len(ids))
+                      skipped=skipped, n_subjects=len(ids), subject_names=ids,
+                      sources=[{"subject": sid, "files": p["files"]} for sid, p in zip(ids, provenance)],
+                      input_folder=input_folder.name if input_folder is not None else None)
 
 
 # ---------------------------------------------------------------- the run
@@ -587,6 +652,7 @@ def _preprocess(subjects: list[Subject], store: str, config: PreprocessConfig, c
         token = create_store(store, config, planned, overwrite)
 
     by_id = {s.id: s for s in subjects}
+    folder = input_root(subjects)
     planner = SlotPlanner(planned, markers, skip_invalid)
     pending = as_completed(with_results=True)
     window = _Window(client)
@@ -600,7 +666,7 @@ def _preprocess(subjects: list[Subject], store: str, config: PreprocessConfig, c
             mark_skipped(store, sid_bad, reason)
             report.skipped.append((sid_bad, reason))
         for sid, slot in resend + planner.to_send(window.size() - pending.count() - len(resend)):
-            pending.add(client.submit(store_subject, by_id[sid], config, store, token, slot, pure=False))
+            pending.add(client.submit(store_subject, by_id[sid], config, store, token, slot, folder, pure=False))
         bar.update(planner.settled - bar.n)
 
     try:
@@ -640,7 +706,7 @@ def _preprocess(subjects: list[Subject], store: str, config: PreprocessConfig, c
     if report.invalid:
         return report
     try:
-        finalize_store(store, config, planned)
+        finalize_store(store, config, planned, folder)
     except OSError as err:  # a full disk or a quota while the coordinates and metadata are written
         raise write_failure(store, err, "finish", "the subjects already stored may be redone") from err
     report.complete = True

@@ -1,25 +1,38 @@
-"""The slice store: a Zarr v3 group that other projects read with xarray or zarr alone.
+"""The slice store: a Zarr v3 group that other projects read with xarray, zarr or any Zarr v3 reader alone.
 
-The contract (also in the README, "The store"):
+The contract (also in the README, "The store"), format_version 2. Every array holds a core Zarr v3 data
+type (numbers only: TensorStore and zarrs refuse zarr-python's variable-length strings); names live in the
+group attributes, and :func:`open_store` puts them back as xarray coordinates.
 
 - ``image``: float16, dims ``(sample, channel, y, x)``, values in [-1, 1], background -1.
   Rows run anterior -> posterior and columns patient left -> right (RAS +x), so ``image[i, c]``
   shows an axial slice seen from the feet, anterior at the top.
-- coordinates along ``sample``: ``subject`` (string), ``slice_index`` (int16, axial index in the
-  RAS-reoriented volume), ``tumour_fraction`` (float32: tumour voxels / brain voxels of the slice,
-  NaN where the subject had no segmentation); along ``channel``: ``channel`` (modality names).
+- along ``sample``: ``subject`` (int32: row of the subject table ``subject_names``; -1 until written),
+  ``slice_index`` (int16, axial index in the RAS-reoriented volume), ``tumour_fraction`` (float32: tumour
+  voxels / brain voxels of the slice, NaN where the subject had no segmentation), ``source_slice``
+  (int32, ``(sample, channel)``: the slice's index along the cut voxel axis of that channel's source file).
+- along ``source`` (one row per subject of the table; preprocessed stores only): ``pixel_to_voxel``
+  (float64 4x4 per channel: stored pixel ``(column, row, slice_index, 1)`` -> source voxel ``(i, j, k, 1)``),
+  ``source_affine`` (the file's NIfTI affine, ``header.get_best_affine()``), ``voxel_spacing`` (mm),
+  ``source_shape`` (int32) and ``intensity_window`` (the brain percentiles mapped to -1 and 1).
 - shards hold one subject's slices (the unit a preprocessing task writes, so no two tasks ever
   touch the same shard); chunks, the unit of reading, hold 8 samples (the paper's micro-batch; the
   largest divisor of the slices per subject up to 8). Measured on a 48-slice subject: one-sample
   chunks cost 2x the write time and 2.5x the time to read a subject back, for 1.1 vs 1.4 ms to read
   a single sample. Compression: zstd level 1 (level 3 costs 40% more write time for the same size).
 - group attributes: ``format``, ``format_version``, ``tool_version``, ``params`` (every
-  preprocessing parameter), ``subjects_planned``, ``skipped`` (``[{"subject", "reason"}]``),
+  preprocessing parameter), ``subject_names`` (the subject table), ``channel_names``, ``sources`` (per
+  subject: each file's path relative to the input folder, bytes, SHA-256, orientation and cut axis),
+  ``input_folder`` (its name), ``subjects_planned``, ``skipped`` (``[{"subject", "reason"}]``),
   ``synthetic``, ``shard_crc32`` (each shard's CRC-32 as written; ``brats_gan.verify`` compares it) and,
   written last, ``complete: true``. ``brats_gan.store_writer`` is the one code that writes them.
-- synthetic stores (`brats-gan generate`) keep all of the above, with ``synthetic: true``, a
-  ``checkpoint`` attribute (run, step, preset, weights: ema or raw), one subject per image (``synthetic-step<N>-seed<S>-<i>``),
-  ``slice_index`` -1, ``tumour_fraction`` NaN and shards of 64 samples.
+- synthetic stores (`brats-gan generate`) keep the per-sample arrays and attributes, with ``synthetic:
+  true``, a ``checkpoint`` attribute (run, step, preset, weights: ema or raw, the weights file's SHA-256,
+  the model), one subject per image (``synthetic-step<N>-seed<S>-<i>``), ``slice_index`` and
+  ``source_slice`` -1, ``tumour_fraction`` NaN, no ``source`` arrays, and shards of 64 samples.
+- format_version 1 (brats_gan before issue 20) stored ``subject`` and a ``channel`` array as
+  variable-length strings and no provenance; it is still read everywhere (:func:`read_summary`,
+  :func:`open_store`, :func:`sample_subjects`).
 
 Which outputs may be written where is decided here too, once for every command: a store replaces only a
 store brats_gan wrote (``check_output``), a PNG only a PNG brats_gan drew (``check_png_output``), and no
@@ -37,13 +50,28 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import xarray
 
 FORMAT = "brats_gan.slices"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: subjects and channels as variable-length strings, no provenance
 IMAGE = "image"
 DIMS = ("sample", "channel", "y", "x")
-SAMPLE_COORDS = ("subject", "slice_index", "tumour_fraction")
+SAMPLE_COORDS = ("subject", "slice_index", "tumour_fraction", "source_slice")
+#: per (subject, channel) arrays of a preprocessed store: name -> (dims, dtype, sizes of the trailing dims)
+SOURCE_ARRAYS: dict[str, tuple[tuple[str, ...], str, tuple[int, ...]]] = {
+    "pixel_to_voxel": (("source", "channel", "matrix_row", "matrix_column"), "float64", (4, 4)),
+    "source_affine": (("source", "channel", "matrix_row", "matrix_column"), "float64", (4, 4)),
+    "voxel_spacing": (("source", "channel", "axis"), "float64", (3,)),
+    "source_shape": (("source", "channel", "axis"), "int32", (3,)),
+    "intensity_window": (("source", "channel", "bound"), "float64", (2,)),
+}
+LEGACY_ARRAYS = ("channel",)  # format 1's, still its writer's own files when such a store is replaced
+NO_SUBJECT = -1  # the ``subject`` code of a sample not written yet
 PROGRESS_GROUP = "progress"
 
 
@@ -94,41 +122,163 @@ def quiet_consolidated_warning() -> Iterator[None]:
         yield
 
 
-def read_summary(path: str) -> StoreSummary:
-    """Read the store's metadata (no pixels) and check it is a slice store of this format version."""
+def check_format(path: str | os.PathLike[str], attrs: dict[str, Any]) -> int:
+    """The format_version of a slice store's attributes, or a StoreError saying why it cannot be read."""
+    if attrs.get("format") != FORMAT:
+        raise StoreError(f"{path}: not a brats_gan slice store (attribute format={attrs.get('format')!r})")
+    version = attrs.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise StoreError(
+            f"{path}: store format_version {version} but this brats_gan reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; use the brats_gan that wrote it, or re-run "
+            "`brats-gan preprocess` with this version"
+        )
+    return int(version)
+
+
+def _open_group(path: str | os.PathLike[str]) -> Any:
     import zarr
 
     try:
-        group = zarr.open_group(path, mode="r")
+        with quiet_consolidated_warning():
+            return zarr.open_group(str(path), mode="r")
     except FileNotFoundError as err:
         raise StoreError(f"{path}: no Zarr store here") from err
     except Exception as err:  # zarr raises several types for "not a group"
         raise StoreError(f"{path}: not a readable Zarr v3 group ({err})") from err
+
+
+def channel_names(group: Any, attrs: dict[str, Any]) -> tuple[str, ...]:
+    """The stored channels' modality names: the ``channel_names`` attribute, or format 1's ``channel`` array."""
+    if "channel_names" in attrs:
+        return tuple(str(c) for c in attrs["channel_names"])
+    return tuple(str(c) for c in group["channel"][:]) if "channel" in group else ()
+
+
+def sample_subjects(group: Any, attrs: dict[str, Any] | None = None) -> np.ndarray:
+    """Each sample's subject name (object array; "" for a sample not written yet), whichever format:
+    format 2's codes looked up in ``subject_names``, format 1's strings as stored."""
+    import numpy as np
+
+    attrs = dict(group.attrs) if attrs is None else attrs
+    if "subject" not in group:
+        return np.array([], dtype=object)
+    values = group["subject"][:]
+    if values.dtype.kind in "iu":
+        return subject_table(attrs)[values]
+    return np.array([str(v) for v in values], dtype=object)
+
+
+def subject_table(attrs: dict[str, Any]) -> np.ndarray:
+    """``subject_names`` as an object array indexed by code, with "" at index -1 (``NO_SUBJECT``)."""
+    import numpy as np
+
+    return np.array([*(str(n) for n in attrs.get("subject_names", [])), ""], dtype=object)
+
+
+def read_summary(path: str) -> StoreSummary:
+    """Read the store's metadata (no pixels) and check it is a slice store of a format this version reads."""
+    group = _open_group(path)
     attrs = dict(group.attrs)
-    if attrs.get("format") != FORMAT:
-        raise StoreError(f"{path}: not a brats_gan slice store (attribute format={attrs.get('format')!r})")
-    version = attrs.get("format_version")
-    if version != FORMAT_VERSION:
-        raise StoreError(
-            f"{path}: store format_version {version} but this brats_gan reads version {FORMAT_VERSION}; "
-            "re-run `brats-gan preprocess` with this version"
-        )
+    check_format(path, attrs)
     image = group[IMAGE]
     shards = image.shards if getattr(image, "shards", None) else None
-    subjects = group["subject"][:] if "subject" in group else []
-    channels = tuple(str(c) for c in group["channel"][:]) if "channel" in group else ()
+    subjects = sample_subjects(group, attrs)
     return StoreSummary(
         path=str(path),
         complete=bool(attrs.get("complete", False)),
         n_samples=int(image.shape[0]),
-        n_subjects=len({str(s) for s in subjects if s}),
-        channels=channels,
+        n_subjects=len({s for s in subjects if s}),
+        channels=channel_names(group, attrs),
         image_shape=tuple(image.shape),
         chunks=tuple(image.chunks),
         shards=tuple(shards) if shards else None,
         dtype=str(image.dtype),
         attrs=attrs,
     )
+
+
+def open_store(path: str | os.PathLike[str]) -> xarray.Dataset:
+    """The store as a labelled ``xarray.Dataset``, whichever format wrote it (pixels stay lazy).
+
+    ``subject`` (per sample) and ``channel`` hold names; ``subject_code`` is each sample's row of the
+    subject table, which is also its row of the per-source arrays (``pixel_to_voxel``, ...), whose
+    ``source`` dimension is labelled with the subject names. Without brats_gan, the same names are
+    ``numpy.array(ds.attrs["subject_names"])[ds.subject.values]`` and ``ds.attrs["channel_names"]``.
+    """
+    import numpy as np
+    import xarray as xr
+
+    group = _open_group(path)
+    attrs = dict(group.attrs)
+    version = check_format(path, attrs)
+    with quiet_consolidated_warning():
+        ds = xr.open_zarr(str(path))
+    if version == 1:
+        names = np.array([str(v) for v in ds.subject.values], dtype=object)
+        _, first, inverse = np.unique(names, return_index=True, return_inverse=True)
+        codes = np.argsort(np.argsort(first)).astype(np.int32)[inverse]  # in order of first appearance
+    else:
+        codes = ds.subject.values
+        names = subject_table(attrs)[codes]
+    coords: dict[str, Any] = {"subject_code": ("sample", codes), "subject": ("sample", names)}
+    channels = channel_names(group, attrs)
+    if channels:
+        coords["channel"] = ("channel", np.array(channels, dtype=object))
+    if "source" in ds.dims and ds.sizes["source"] == len(attrs.get("subject_names", ())):
+        coords["source"] = ("source", np.array(attrs["subject_names"], dtype=object))
+    return ds.assign_coords(coords)
+
+
+def sample_provenance(path: str | os.PathLike[str], sample: int) -> dict[str, Any]:
+    """Where one stored sample came from, as JSON-ready data: its subject, ``slice_index`` and, per channel,
+    the source file (path relative to the input folder, bytes, SHA-256), its orientation, the voxel axis
+    the slice cuts and the slice's index along it, the affine, voxel spacing, shape, intensity window and
+    the pixel -> voxel map. A synthetic sample names the checkpoint it was drawn from instead; a store
+    written before provenance was recorded (format 1) says so (``sources`` None)."""
+    group = _open_group(path)
+    attrs = dict(group.attrs)
+    version = check_format(path, attrs)
+    n = int(group[IMAGE].shape[0])
+    if not 0 <= sample < n:
+        raise StoreError(f"sample {sample} is not in {path}, which holds {n} samples (0 to {n - 1})")
+    code = int(group["subject"][sample]) if version >= 2 else None
+    record: dict[str, Any] = {
+        "store": str(path), "sample": sample, "format_version": version,
+        "subject": str(sample_subjects(group, attrs)[sample]),
+        "subject_code": None if code is None else int(code),
+        "slice_index": int(group["slice_index"][sample]),
+        "tumour_fraction": _json_float(group["tumour_fraction"][sample]),
+        "synthetic": bool(attrs.get("synthetic")),
+    }
+    if record["synthetic"]:
+        record["checkpoint"] = attrs.get("checkpoint")
+        record["seed"] = attrs.get("seed")
+    sources = attrs.get("sources")
+    if record["synthetic"] or code is None or code < 0 or not sources or "pixel_to_voxel" not in group:
+        record["sources"] = None
+        return record
+    record["input_folder"] = attrs.get("input_folder")
+    files = sources[code]["files"]
+    arrays = {name: group[name][code] for name in SOURCE_ARRAYS}
+    along = group["source_slice"][sample]
+    record["sources"] = [
+        {"channel": channel, **files[channel], "source_slice": int(along[c]),
+         "affine": arrays["source_affine"][c].tolist(), "voxel_spacing": arrays["voxel_spacing"][c].tolist(),
+         "source_shape": arrays["source_shape"][c].tolist(), "intensity_window": arrays["intensity_window"][c].tolist(),
+         "pixel_to_voxel": arrays["pixel_to_voxel"][c].tolist()}
+        for c, channel in enumerate(channel_names(group, attrs))
+    ]
+    if "seg" in files:
+        record["segmentation"] = files["seg"]
+    return record
+
+
+def _json_float(value: Any) -> float | None:
+    import math
+
+    value = float(value)
+    return None if math.isnan(value) else value
 
 
 def written_by_brats_gan(path: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -22,6 +22,15 @@ def new_attrs(*, params: dict[str, Any], synthetic: bool, **extra: Any) -> dict[
             "complete": False}
 
 
+def subject_codes(subject: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Per-sample names -> (int32 codes, the table of names in order of first appearance); "" (a sample
+    not written yet) gets ``schema.NO_SUBJECT``."""
+    table: dict[str, int] = {}
+    codes = np.fromiter((schema.NO_SUBJECT if not name else table.setdefault(str(name), len(table))
+                         for name in subject), dtype=np.int32, count=len(subject))
+    return codes, list(table)
+
+
 def write_skeleton(
     path: str,
     *,
@@ -29,34 +38,41 @@ def write_skeleton(
     size: int,
     shard: int,
     attrs: dict[str, Any],
-    subject: np.ndarray,
+    subject: Sequence[str],
     slice_index: np.ndarray | None = None,
     tumour_fraction: np.ndarray | None = None,
+    sources: int = 0,
 ) -> None:
     """A store of the schema with its coordinates and attributes but no pixels written yet.
 
-    ``image`` gets shards of ``shard`` samples (the unit its writer fills), chunks of up to 8 of them
-    and zstd level 1; coordinates default to the placeholders ``-1`` and NaN. `preprocess` (shard =
-    one subject) and `generate` both start here, so real and synthetic stores are laid out alike.
+    ``subject`` holds each sample's subject name ("" where not known yet): it is stored as int32 codes
+    into the ``subject_names`` attribute, and the channels' names as ``channel_names``, so every array
+    holds a core Zarr v3 data type. ``sources`` > 0 adds the per-source provenance arrays with that
+    many rows (placeholders: NaN, 0). ``image`` gets shards of ``shard`` samples (the unit its writer
+    fills), chunks of up to 8 of them and zstd level 1; coordinates default to the placeholders ``-1``
+    and NaN. `preprocess` (shard = one subject) and `generate` both start here, so real and synthetic
+    stores are laid out alike.
     """
     import dask.array as da
     import xarray as xr
     from zarr.codecs import ZstdCodec
 
     n, c = len(subject), len(channels)
+    codes, names = subject_codes(subject)
     image = da.zeros((n, c, size, size), dtype=np.float16, chunks=(shard, c, size, size))
-    ds = xr.Dataset(
-        {schema.IMAGE: (schema.DIMS, image)},
-        coords={
-            "subject": ("sample", np.asarray(subject, dtype=object)),
-            "slice_index": ("sample", np.full(n, -1, dtype=np.int16) if slice_index is None
-                            else np.asarray(slice_index, dtype=np.int16)),
-            "tumour_fraction": ("sample", np.full(n, np.nan, dtype=np.float32) if tumour_fraction is None
-                                else np.asarray(tumour_fraction, dtype=np.float32)),
-            "channel": ("channel", np.array(list(channels), dtype=object)),
-        },
-        attrs=attrs,
-    )
+    coords: dict[str, Any] = {
+        "subject": ("sample", codes),
+        "slice_index": ("sample", np.full(n, -1, dtype=np.int16) if slice_index is None
+                        else np.asarray(slice_index, dtype=np.int16)),
+        "tumour_fraction": ("sample", np.full(n, np.nan, dtype=np.float32) if tumour_fraction is None
+                            else np.asarray(tumour_fraction, dtype=np.float32)),
+        "source_slice": (("sample", "channel"), np.full((n, c), -1, dtype=np.int32)),
+    }
+    for name, (dims, dtype, trailing) in (schema.SOURCE_ARRAYS.items() if sources else ()):
+        fill = np.nan if np.dtype(dtype).kind == "f" else 0
+        coords[name] = (dims, np.full((sources, c, *trailing), fill, dtype=dtype))
+    ds = xr.Dataset({schema.IMAGE: (schema.DIMS, image)}, coords=coords,
+                    attrs={**attrs, "subject_names": names, "channel_names": list(channels)})
     encoding = {schema.IMAGE: {
         "chunks": (schema.chunk_samples(shard), c, size, size),
         "shards": (shard, c, size, size),

@@ -8,7 +8,9 @@ reshape or C-order copy of the whole volume costs more than the rest of the work
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -26,12 +28,32 @@ class InvalidVolume(ValueError):
     """A volume that cannot be preprocessed; the message is the reason shown to the user."""
 
 
+@dataclass(frozen=True)
+class SourceVolume:
+    """A decoded NIfTI file and what the store records of it (provenance): its bytes' size and SHA-256
+    (of the file as stored, compressed or not), its affine and its voxel spacing."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    size: int
+    sha256: str
+
+
 def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Decode a NIfTI-1 file into (data, affine), refusing what is not a usable 3-D MRI volume.
+    """Decode a NIfTI-1 file into (data, affine), refusing what is not a usable 3-D MRI volume
+    (:func:`read_volume`, without the provenance)."""
+    volume = read_volume(path)
+    return volume.data, volume.affine
+
+
+def read_volume(path: str | Path) -> SourceVolume:
+    """Decode a NIfTI-1 file, refusing what is not a usable 3-D MRI volume.
 
     The data is a read-only view on the inflated bytes, laid out by nibabel's header (dtype, offset,
     Fortran order): going through ``Nifti1Image.dataobj`` would copy the whole volume once more, which
-    costs two thirds of the inflate itself.
+    costs two thirds of the inflate itself. The SHA-256 of the file's bytes costs under 1 % of the
+    decode (1.8 of 205 ms for a BraTS file).
 
     The values are the stored ones, without the header's scale slope and intercept: the per-volume
     normalisation (percentiles of the brain mapped to [-1, 1]) gives the same images for any positive
@@ -41,6 +63,7 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     try:
         raw = path.read_bytes()
+        size, digest = len(raw), hashlib.sha256(raw).hexdigest()
         if raw[:2] == b"\x1f\x8b":
             raw = inflate_gzip(raw)
         header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw), check=True)
@@ -48,6 +71,7 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         data = np.frombuffer(raw, dtype=header.get_data_dtype(), count=int(np.prod(shape)),
                              offset=int(header.get_data_offset())).reshape(shape, order="F")
         slope, _ = header.get_slope_inter()
+        spacing = tuple(float(z) for z in header.get_zooms()[:3])
     except Exception as err:  # gzip, header and size errors all mean the same to the user
         raise InvalidVolume(f"{path.name}: unreadable or truncated ({type(err).__name__}: {err})") from err
     if slope is not None and slope < 0:
@@ -58,7 +82,7 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise InvalidVolume(f"{path.name}: unsupported data type {data.dtype}")
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         raise InvalidVolume(f"{path.name}: contains non-finite values (NaN or inf)")
-    return data, header.get_best_affine()
+    return SourceVolume(data, header.get_best_affine(), spacing, size, digest)
 
 
 def inflate_gzip(raw: bytes) -> bytes:
@@ -261,3 +285,29 @@ def pad_or_crop(images: np.ndarray, size: int, fill: float = -1.0, dtype: np.dty
             dst.append(slice(0, size))
     out[..., dst[0], dst[1]] = images[..., src[0], src[1]]
     return out
+
+
+def pixel_to_voxel(affine: np.ndarray, shape: tuple[int, ...], size: int) -> np.ndarray:
+    """The 4x4 map from a stored pixel ``(column, row, slice_index, 1)`` to the voxel ``(i, j, k, 1)`` of
+    the source file it was read from (integer-valued): the inverse of :func:`reorient_to_ras`,
+    :func:`axial_images` and :func:`pad_or_crop` together, so that a stored slice can be put back onto
+    the source voxel grid (``affine @ pixel_to_voxel`` gives scanner millimetres). A pixel whose voxel lies
+    outside ``shape`` is padding (-1)."""
+    orientation = nib.orientations.io_orientation(affine)
+    x, y, _ = nib.orientations.apply_orientation(np.empty(shape, np.int8), orientation).shape
+    offsets = [(size - n) // 2 if n <= size else -((n - size) // 2) for n in (x, y)]
+    pixel_to_ras = np.array([[1, 0, 0, -offsets[0]], [0, -1, 0, y - 1 + offsets[1]], [0, 0, 1, 0], [0, 0, 0, 1]],
+                            dtype=np.float64)
+    return nib.orientations.inv_ornt_aff(orientation, shape) @ pixel_to_ras
+
+
+def source_slices(voxel_map: np.ndarray, slice_index: np.ndarray) -> tuple[int, np.ndarray]:
+    """The source file's voxel axis that stored slices cut across, and each slice's index along it."""
+    axis = int(np.flatnonzero(voxel_map[:3, 2])[0])
+    return axis, (voxel_map[axis, 2] * np.asarray(slice_index) + voxel_map[axis, 3]).round().astype(np.int32)
+
+
+def orientation_codes(affine: np.ndarray) -> str:
+    """The file's voxel axes as the anatomical directions they point to (nibabel's codes, e.g. ``LPS``);
+    brats_gan reorients every volume to ``RAS`` before slicing."""
+    return "".join(nib.orientations.aff2axcodes(affine))

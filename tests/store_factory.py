@@ -8,6 +8,10 @@ on a -1 background, so sample grids look like something and every sample differs
 Each drawn sample carries its own id in pixel (0, 0, 0) of channel 0 (``sample_id``), so tests can tell
 exactly which stored samples a loader returned, whatever the shuffling. Given ``images``, the store
 holds exactly those instead (the evaluation tests' fixed image sets).
+
+``format_version=1`` writes the layout of brats_gan before issue 20 (subjects and a ``channel`` array as
+variable-length strings, no provenance), with a small writer of its own (``_write_format_1``, tests only),
+so that the tests can check such stores keep working.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ def write_store(
     synthetic: bool = True,
     complete: bool = True,
     seed: int = 0,
+    format_version: int = schema.FORMAT_VERSION,
 ) -> Path:
     """A store of ``subjects x slices`` samples; shard = one subject's slices, chunks as ``schema`` says.
 
@@ -82,7 +87,8 @@ def write_store(
                              f"and {c} channel(s)")
         image = images.astype(np.float16)
     params = {"size": size, "slices": slices, "modalities": list(channels), "factory_seed": seed}
-    store_writer.write_skeleton(
+    write = store_writer.write_skeleton if format_version == schema.FORMAT_VERSION else _write_format_1
+    write(
         str(path), channels=channels, size=size, shard=slices, subject=np.repeat(np.array(ids, dtype=object), slices),
         slice_index=np.tile(np.arange(60, 60 + slices, dtype=np.int16), len(ids)),
         tumour_fraction=rng.uniform(0, 0.1, n).astype(np.float32),
@@ -92,6 +98,30 @@ def write_store(
     if complete:
         store_writer.seal(str(path), shard_crc32=[shard_checksum(image[a : a + slices]) for a in range(0, n, slices)])
     return Path(path)
+
+
+def _write_format_1(path: str, *, channels: Sequence[str], size: int, shard: int, attrs: dict, subject: np.ndarray,
+                    slice_index: np.ndarray, tumour_fraction: np.ndarray) -> None:
+    """The skeleton brats_gan 0.1 wrote (format_version 1): ``subject`` and ``channel`` as zarr-python's
+    variable-length strings, no subject table, channel names or provenance."""
+    import dask.array as da
+    import xarray as xr
+    from zarr.codecs import ZstdCodec
+
+    n, c = len(subject), len(channels)
+    image = da.zeros((n, c, size, size), dtype=np.float16, chunks=(shard, c, size, size))
+    ds = xr.Dataset(
+        {schema.IMAGE: (schema.DIMS, image)},
+        coords={"subject": ("sample", np.asarray(subject, dtype=object)),
+                "slice_index": ("sample", np.asarray(slice_index, dtype=np.int16)),
+                "tumour_fraction": ("sample", np.asarray(tumour_fraction, dtype=np.float32)),
+                "channel": ("channel", np.array(list(channels), dtype=object))},
+        attrs={**attrs, "format_version": 1},
+    )
+    encoding = {schema.IMAGE: {"chunks": (schema.chunk_samples(shard), c, size, size), "shards": (shard, c, size, size),
+                               "compressors": [ZstdCodec(level=1)]}}
+    with schema.quiet_consolidated_warning():
+        ds.to_zarr(path, mode="w", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +148,7 @@ out = []
 for path in sys.argv[1:]:
     ds = xr.open_zarr(path)
     g = zarr.open_group(path, mode="r")
+    subjects = np.array(ds.attrs["subject_names"])[ds.subject.values]  # the README's way: codes into the table
     img = ds.image.values.astype("float32")
     out.append({
         "dims": list(ds.image.dims), "dtype": str(ds.image.dtype), "shape": list(img.shape),
@@ -126,8 +157,8 @@ for path in sys.argv[1:]:
         "zarr_types": {k: str(g[k].metadata.data_type) for k in sorted(g.array_keys())},
         "min": float(img.min()), "max": float(img.max()), "nan": int(np.isnan(img).sum()),
         "background": float((img == -1).mean()),
-        "subjects": sorted(set(ds.subject.values.tolist())), "slice_index": ds.slice_index.values.tolist(),
-        "channels": ds.channel.values.tolist(),
+        "subjects": sorted(set(subjects.tolist())), "slice_index": ds.slice_index.values.tolist(),
+        "channels": ds.attrs["channel_names"],
         "tumour_fraction_nan": bool(np.isnan(ds.tumour_fraction.values).all()),
         "attrs": dict(ds.attrs),
     })

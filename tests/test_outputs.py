@@ -6,7 +6,6 @@ has a trained run.)"""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -135,9 +134,8 @@ def test_evaluate_compares_channels_by_name_and_refuses_other_modalities(
     assert "--real has t1ce,flair,t2: compared on flair, picked by name" in notes
 
     unnamed = _store_of(tmp_path / "unnamed.zarr", flair, ("flair",), "real")  # a store that names no channel
-    shutil.rmtree(unnamed / "channel")
     meta = json.loads((unnamed / "zarr.json").read_text())
-    del meta["consolidated_metadata"]["metadata"]["channel"]
+    del meta["attributes"]["channel_names"]
     (unnamed / "zarr.json").write_text(json.dumps(meta))
     stored_order, notes = swd(unnamed)
     assert stored_order == pytest.approx(alone) and "channel names missing" in notes

@@ -18,6 +18,7 @@ import zarr
 from conftest import cli, run_cli
 from store_factory import read_without_brats_gan
 
+from brats_gan import schema
 from brats_gan.discover import discover_subjects
 from brats_gan.preprocess import PreprocessConfig, run_preprocess
 
@@ -53,7 +54,8 @@ def test_real_case_store_is_readable_by_xarray_and_zarr_alone(tmp_path, real_cas
     assert 0.5 < seen["background"] < 0.9
     assert seen["channels"] == ["flair", "t1ce", "t2"] and seen["attrs"]["complete"] is True
     dtypes = seen["zarr_types"].values()
-    assert "VariableLengthUTF8()" in dtypes and not any("UTF32" in d for d in dtypes)
+    assert not any("UTF" in d or "String" in d for d in dtypes), "core Zarr v3 data types only (names in attributes)"
+    assert seen["subjects"] == ["BraTS-GLI-00001-000"]
     # 48 contiguous slices centred on the largest brain cross-section of the real volume
     vol = np.asanyarray(nib.as_closest_canonical(nib.load(subjects[0].files["flair"])).dataobj)
     area = (vol != 0).sum(axis=(0, 1))
@@ -208,8 +210,10 @@ def many_real(request, tmp_path_factory, dask_client) -> tuple[Path, Path]:
 def assert_same_store(got: Path, reference: Path) -> None:
     ref, new = zarr.open_group(reference, mode="r"), zarr.open_group(got, mode="r")
     assert new.attrs["complete"] is True
-    for name in ("image", "subject", "slice_index", "tumour_fraction", "channel"):
+    for name in ("image", *schema.SAMPLE_COORDS, *schema.SOURCE_ARRAYS):
         np.testing.assert_array_equal(new[name][:], ref[name][:], err_msg=name)
+    for name in ("subject_names", "channel_names", "sources", "input_folder"):
+        assert new.attrs[name] == ref.attrs[name], name
 
 
 def test_kill_9_mid_run_then_resume_equals_a_single_run(tmp_path, many_real, env_unbuffered):
@@ -361,8 +365,8 @@ def test_overwrite_refuses_a_store_holding_what_its_writer_did_not_write_and_nam
     (store / "image" / "zarr.0123456789abcdef0123456789abcdef.partial").write_bytes(b"cut short")
     run_cli(*args, ok=True)
     assert zarr.open_group(store, mode="r").attrs["complete"] is True
-    assert sorted(p.name for p in store.iterdir()) == ["channel", "image", "slice_index", "subject",
-                                                      "tumour_fraction", "zarr.json"]
+    assert sorted(p.name for p in store.iterdir()) == sorted(["image", *schema.SAMPLE_COORDS, *schema.SOURCE_ARRAYS,
+                                                             "zarr.json"])
 
 
 @pytest.mark.parametrize("limit_kib, stage", [(16, "write"), (4, "create")])

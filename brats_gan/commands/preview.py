@@ -23,9 +23,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import xarray as xr
-
-    from brats_gan.schema import StoreError, check_png_output, read_summary
+    from brats_gan.schema import StoreError, check_png_output, open_store, read_summary
 
     if args.num < 1:
         raise UserError("--num must be at least 1")
@@ -34,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         check_png_output(args.out, "--out")
     except StoreError as err:
         raise UserError(str(err)) from None
-    ds = xr.open_zarr(args.store)
+    ds = open_store(args.store)
     if args.channel is not None:
         if args.channel not in summary.channels:
             raise UserError(f"--channel {args.channel!r} not in the store's channels {list(summary.channels)}")
