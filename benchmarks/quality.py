@@ -6,11 +6,13 @@ of steps (``--steps``); 256 slices are generated from its last checkpoint (the a
 `generate` does by default) and `brats-gan evaluate` compares them with held-out phantom subjects.
 Per variant it prints the median over seeds of SWD / real-vs-real floor, checkerboard / the real
 slices' level (in dB, so a difference: synthetic minus real), MS-SSIM fake minus real (diversity: 0 is
-the real set's), the memorisation share and the steps reached, then every run.
+the real set's), the memorisation share, the steps reached and the median milliseconds per step (from the
+run's metrics.csv: at equal steps, what a variant costs in wall time), then every run.
 
-Baseline: ``poster`` (the tiny preset with the poster's recipe). A variant is a name and the `train`
-flags that make it (``VARIANTS``; ``--variants`` picks them). Runs go ``--parallel`` at a time (default
-2: the 2-core machine), one thread each; ``--json`` prints one JSON line.
+Baseline: ``poster`` (the tiny preset with the poster's recipe; ``--baseline`` names another). A variant is a
+name and the `train` flags that make it (``VARIANTS``; ``--variants`` picks them; ``ADAM_VARIANTS`` also
+change Adam's parameters, through a DeepSpeed config written beside the runs). Runs go ``--parallel`` at a
+time (default 2: the 2-core machine), one thread each; ``--json`` prints one JSON line.
 """
 
 from __future__ import annotations
@@ -50,7 +52,21 @@ VARIANTS: dict[str, list[str]] = {
                                         "--generator-dropout", "0", "--augment", "none"],
     "one-critic": ["--preset", "tiny", "--recipe", "one-critic"],
     "one-critic-ncritic2": ["--preset", "tiny", "--recipe", "one-critic", "--n-critic", "2"],
+    "one-critic-subpixel": ["--preset", "tiny", "--recipe", "one-critic", "--upsample", "subpixel"],
+    "one-critic-blur": ["--preset", "tiny", "--recipe", "one-critic", "--upsample", "transposed-blur"],
+    "one-critic-resize": ["--preset", "tiny", "--recipe", "one-critic", "--upsample", "resize"],
+    "one-critic-resize-bilinear": ["--preset", "tiny", "--recipe", "one-critic", "--upsample", "resize",
+                                   "--resize-mode", "bilinear"],
+    "one-critic-noise": ["--preset", "tiny", "--recipe", "one-critic-noise"],
+    "one-critic-noise-resize": ["--preset", "tiny", "--recipe", "one-critic-noise", "--upsample", "resize"],
+    "one-critic-noise-subpixel": ["--preset", "tiny", "--recipe", "one-critic-noise", "--upsample", "subpixel"],
+    "one-critic-noise-ema0.02": ["--preset", "tiny", "--recipe", "one-critic-noise", "--ema-rampup", "0.02"],
 }
+# Variants that change Adam's parameters (one set for both networks): trained with a DeepSpeed config written
+# beside the runs, the tiny default's with these parameters changed.
+ADAM_VARIANTS: dict[str, dict] = {"one-critic-lr1e-4": {"lr": 0.0001}, "one-critic-lr4e-4": {"lr": 0.0004},
+                                  "one-critic-noise-lr1e-4": {"lr": 0.0001}, "one-critic-noise-lr4e-4": {"lr": 0.0004}}
+VARIANTS.update({name: ["--preset", "tiny", "--recipe", name.rsplit("-lr", 1)[0]] for name in ADAM_VARIANTS})
 METRICS = ("swd", "swd_floor", "checkerboard", "checkerboard_real", "ms_ssim_fake", "ms_ssim_real",
            "memorisation_share")
 
@@ -82,6 +98,19 @@ def make_stores(root: Path, train_subjects: int, heldout_subjects: int) -> tuple
     return train, heldout
 
 
+def variant_flags(variant: str, root: Path) -> list[str]:
+    """The `train` flags of ``variant``; an Adam variant's DeepSpeed config is written into ``root``."""
+    if variant not in ADAM_VARIANTS:
+        return VARIANTS[variant]
+    from brats_gan.train_config import default_deepspeed
+
+    config = default_deepspeed("tiny", VARIANTS[variant][VARIANTS[variant].index("--recipe") + 1])
+    config["optimizer"]["params"].update(ADAM_VARIANTS[variant])
+    path = root / f"{variant}.deepspeed.json"
+    path.write_text(json.dumps(config, indent=2))
+    return [*VARIANTS[variant], "--deepspeed-config", str(path)]
+
+
 def train_all(jobs: list[tuple[str, int, Path]], train: Path, args: argparse.Namespace, env: dict[str, str]) -> None:
     """Each (variant, seed, run folder), ``--parallel`` at a time, for ``--seconds`` each or ``--steps``."""
     jobs = [job for job in jobs if not (job[2] / "checkpoints" / "latest").exists()]  # --keep: measured as they are
@@ -90,7 +119,8 @@ def train_all(jobs: list[tuple[str, int, Path]], train: Path, args: argparse.Nam
         for variant, seed, run in jobs[first:first + args.parallel]:
             length = (["--steps", "100000000", "--checkpoint-every", "100000000", "--checkpoint-on-signal"]
                       if args.seconds else ["--steps", str(args.steps), "--checkpoint-every", str(args.steps)])
-            procs.append(brats_gan("train", "--store", str(train), "--out", str(run), *VARIANTS[variant],
+            procs.append(brats_gan("train", "--store", str(train), "--out", str(run),
+                                   *variant_flags(variant, run.parent),
                                    "--seed", str(seed), *length, "--sample-every", "0", "--swd-images", "0",
                                    "--num-workers", "0", env=env))
         if args.seconds:
@@ -111,21 +141,33 @@ def measure(run: Path, train: Path, heldout: Path, images: int, seed: int, env: 
                                ).strip().splitlines()[-1])
     step = int((run / "checkpoints" / "latest").read_text())
     figures = {k: report[k] for k in METRICS}
-    return {**figures, "steps": step, "swd_ratio": figures["swd"] / figures["swd_floor"],
+    return {**figures, "steps": step, "step_ms": step_ms(run), "swd_ratio": figures["swd"] / figures["swd_floor"],
             "checkerboard_excess": figures["checkerboard"] - figures["checkerboard_real"],
             "ms_ssim_gap": figures["ms_ssim_fake"] - figures["ms_ssim_real"]}
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def step_ms(run: Path) -> float:
+    """Median milliseconds per generator step in the run's ``metrics.csv``, the first 10 steps (warm-up) left out:
+    what an equal-steps comparison needs to say what a variant costs in wall time. On a shared machine it counts
+    the contention too, so compare variants run together."""
+    import csv
+
+    with (run / "metrics.csv").open() as f:
+        times = [float(row["step_s"]) for row in csv.DictReader(f) if row.get("step_s")]
+    return round(1000 * statistics.median(times[10:] or times), 1)
+
+
+def summarise(rows: list[dict], baseline: str = BASELINE) -> list[dict]:
     out = []
     for variant in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == variant]
         out.append({"variant": variant, "seeds": len(mine), "flags": " ".join(VARIANTS[variant]),
                     **{k: round(statistics.median(r[k] for r in mine), 3)
-                       for k in ("swd_ratio", "checkerboard_excess", "ms_ssim_gap", "memorisation_share", "steps")},
+                       for k in ("swd_ratio", "checkerboard_excess", "ms_ssim_gap", "memorisation_share", "steps",
+                                 "step_ms")},
                     "swd_ratio_range": [round(min(r["swd_ratio"] for r in mine), 2),
                                         round(max(r["swd_ratio"] for r in mine), 2)]})
-    base = next((s["swd_ratio"] for s in out if s["variant"] == BASELINE), None)
+    base = next((s["swd_ratio"] for s in out if s["variant"] == baseline), None)
     for s in out:
         s["swd_vs_baseline"] = None if base is None else round(s["swd_ratio"] / base, 3)
     return out
@@ -139,6 +181,7 @@ def main() -> None:
     length.add_argument("--steps", type=int, default=None, help="generator steps per run instead of a wall time")
     parser.add_argument("--variants", default="poster,wgan-gp",
                         help=f"comma-separated, from {','.join(VARIANTS)} (default poster,wgan-gp)")
+    parser.add_argument("--baseline", default=BASELINE, help=f"the variant /base compares with (default {BASELINE})")
     parser.add_argument("--seeds", default="0,1,2", help="training/generation seeds (default 0,1,2)")
     parser.add_argument("--train-subjects", type=int, default=8, help="phantom subjects trained on (default 8)")
     parser.add_argument("--heldout-subjects", type=int, default=4, help="phantom subjects held out (default 4)")
@@ -166,7 +209,7 @@ def main() -> None:
     rows = [{"variant": variant, "seed": seed, **measure(run, train, heldout, args.images, seed, env)}
             for variant, seed, run in jobs]
     result = {"length": f"{args.seconds:g} s" if args.seconds else f"{args.steps} steps", "seeds": seeds,
-              "summary": summarise(rows), "runs": rows, "seconds": round(time.perf_counter() - started, 1),
+              "summary": summarise(rows, args.baseline), "runs": rows, "seconds": round(time.perf_counter() - started, 1),
               "folder": str(root)}
     if args.json:
         print(json.dumps(result))
@@ -174,18 +217,18 @@ def main() -> None:
     print(f"{result['length']} per run, seeds {args.seeds}, {args.images} generated slices vs "
           f"{args.heldout_subjects} held-out subjects; medians over seeds; runs in {root}")
     print(f"{'variant':<22} {'SWD/floor':>9} {'range':>11} {'/base':>6} {'checker-real dB':>15} "
-          f"{'MS-SSIM gap':>11} {'memorised':>9} {'steps':>6}")
+          f"{'MS-SSIM gap':>11} {'memorised':>9} {'steps':>6} {'ms/step':>7}")
     for s in result["summary"]:
         ratio = "-" if s["swd_vs_baseline"] is None else f"{s['swd_vs_baseline']:.3f}"
         span = f"{s['swd_ratio_range'][0]:.2f}-{s['swd_ratio_range'][1]:.2f}"
         print(f"{s['variant']:<22} {s['swd_ratio']:9.2f} {span:>11} {ratio:>6} {s['checkerboard_excess']:15.2f} "
-              f"{s['ms_ssim_gap']:11.3f} {s['memorisation_share']:9.3f} {s['steps']:6.0f}")
+              f"{s['ms_ssim_gap']:11.3f} {s['memorisation_share']:9.3f} {s['steps']:6.0f} {s['step_ms']:7.1f}")
     print("every run:")
     for r in rows:
         print(f"  {r['variant']:<22} seed {r['seed']}: SWD {r['swd']:.1f} / floor {r['swd_floor']:.1f} = "
               f"{r['swd_ratio']:.2f}, checkerboard {r['checkerboard']:.2f} dB (real {r['checkerboard_real']:.2f}), "
               f"MS-SSIM {r['ms_ssim_fake']:.3f} (real {r['ms_ssim_real']:.3f}), memorised "
-              f"{r['memorisation_share']:.3f}, {r['steps']} steps")
+              f"{r['memorisation_share']:.3f}, {r['steps']} steps, {r['step_ms']} ms/step")
     print(f"({result['seconds']} s)")
 
 

@@ -49,6 +49,14 @@ RECIPES: dict[str, Recipe] = {
         training={"n_critic": 1, "gp_lambda": 10.0, "augment": (), "augment_p": 1.0},
         model={"generator_dropout": 0.0},
     ),
+    "one-critic-noise": Recipe(
+        summary="one-critic with the critic's instance noise at 0.2 instead of 0.1: the generator then leaves "
+                "no grid (checkerboard within 1 dB of the real slices' at 2000 steps, where one-critic leaves "
+                "3-10 dB; benchmarks/README.md, issue 19)",
+        adam=POSTER_ADAM,
+        training={"n_critic": 1, "gp_lambda": 10.0, "augment": (), "augment_p": 1.0},
+        model={"generator_dropout": 0.0, "critic_noise_std": 0.2},
+    ),
 }
 
 # The recipe each preset trains with unless --recipe says otherwise; `paper` keeps the poster's.
