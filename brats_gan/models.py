@@ -58,7 +58,6 @@ class ModelConfig:
     critic_sigmoid: bool = False
     critic_noise_std: float = 0.1
     critic_mbstd_group: int = 0  # minibatch standard deviation (Karras et al. 2018) over groups of N; 0: none
-    critic_blur: bool = False  # a [1,3,3,1] low-pass filter before each stride-2 convolution (anti-aliased)
     leaky_slope: float = 0.2
     init_std: float = 0.02
 
@@ -100,7 +99,6 @@ class ModelConfig:
         check("critic_sigmoid", isinstance(self.critic_sigmoid, bool), "a bool")
         check("critic_noise_std", isinstance(self.critic_noise_std, (int, float)) and self.critic_noise_std >= 0,
               "a float >= 0")
-        check("critic_blur", isinstance(self.critic_blur, bool), "a bool")
         check("critic_mbstd_group", isinstance(self.critic_mbstd_group, int) and self.critic_mbstd_group >= 0,
               "an int >= 0")
         check("leaky_slope", isinstance(self.leaky_slope, (int, float)) and 0 <= self.leaky_slope < 1,
@@ -227,18 +225,16 @@ class SubPixelConv2d(nn.Conv2d):
 class Blur(nn.Module):
     """StyleGAN2's fixed low-pass FIR filter (Karras et al. 2020): the separable [1, 3, 3, 1] kernel, normalised
     to sum 1, applied to each channel alone. It has a zero at the 2-pixel period, so after a stride-2
-    transposed convolution it removes the alternation that the kernel's uneven overlap leaves, and before a
-    stride-2 convolution it removes what that convolution would alias. ``pad``: (left, right, top, bottom)."""
+    transposed convolution it removes the alternation that the kernel's uneven overlap leaves."""
 
-    def __init__(self, channels: int, pad: tuple[int, int, int, int] = (1, 1, 1, 1)) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
         taps = torch.tensor([1.0, 3.0, 3.0, 1.0])
         kernel = torch.outer(taps, taps) / taps.sum() ** 2
         self.register_buffer("kernel", kernel.expand(channels, 1, 4, 4).contiguous(), persistent=False)
-        self.pad = pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.conv2d(nn.functional.pad(x, self.pad), self.kernel.to(x.dtype), groups=x.shape[1])
+        return nn.functional.conv2d(x, self.kernel.to(x.dtype), padding=1, groups=x.shape[1])
 
     def extra_repr(self) -> str:
         return f"channels={self.kernel.shape[0]}, taps=[1, 3, 3, 1]"
@@ -360,11 +356,9 @@ class Critic(nn.Module):
                 act, act_name = nn.Sigmoid(), "Sigmoid"
             else:
                 act, act_name = _activation(c.critic_activation, c.leaky_slope)
-            blur = c.critic_blur and s == 2
             self.convs.append(Block(
-                ("Blur [1,3,3,1] + " if blur else "") + _conv_label("Conv", k), act_name,
+                _conv_label("Conv", k), act_name,
                 noise=InstanceNoise(c.critic_noise_std),
-                blur=Blur(w_in, pad=(1, 2, 1, 2)) if blur else None,  # side kept: the conv's own padding halves it
                 conv=nn.Conv2d(w_in, w_out, k, stride=s, padding=1, bias=not has_norm),
                 norm=_critic_norm(c.critic_norm, w_out),
                 act=act,
