@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  synthetic store:   {synthetic}   (grid {made.grid})")
     print(f"  SWD:               {ratio:.1f}x its floor against held-out phantoms")
     print(f"  inspect a store:   brats-gan info {store}")
-    print(f"  open it:           python -c \"import xarray as xr; print(xr.open_zarr('{synthetic}'))\"")
+    print(f"  open it:           python -c \"from brats_gan import open_store; print(open_store('{synthetic}'))\"")
     print(f"  more images:       brats-gan generate --checkpoint {run_dir} --num 1000 --out more.zarr --grid more.png")
     print(f"  all the figures:   brats-gan evaluate --real {heldout} --fake {synthetic} --train {store}")
     return 0
