@@ -127,7 +127,7 @@ class TorchLoop:
         params = list(module.parameters())
         if self.dtype != torch.float32:
             params = [p.detach().float().clone().requires_grad_(True) for p in params]
-        kwargs = {k: adam[k] for k in ("lr", "betas", "eps", "weight_decay")}
+        kwargs = {k: adam[k] for k in ("lr", "betas", "eps", "weight_decay", "foreach", "fused") if k in adam}
         return params, torch.optim.Adam(params, **kwargs)
 
     def _update(self, loss: torch.Tensor, module: torch.nn.Module, master: list[torch.Tensor],
@@ -158,7 +158,8 @@ class TorchLoop:
 
 def flop_per_image(preset: str, adam: dict[str, Any], n_critic: int, gp_lambda: float, batch_size: int) -> float:
     """FLOP of one iteration of the baseline's phases (meta device: nothing is computed) per real image."""
-    loop = TorchLoop(preset, adam, "meta", torch.float32, n_critic, gp_lambda, batch_size, seed=0)
+    unfused = {k: v for k, v in adam.items() if k != "fused"}  # torch's fused Adam has no meta kernel
+    loop = TorchLoop(preset, unfused, "meta", torch.float32, n_critic, gp_lambda, batch_size, seed=0)
     size = loop.config.image_size
     with FlopCount() as count:
         for _ in range(n_critic):
@@ -239,7 +240,8 @@ def deepspeed_config(preset: str, dtype_name: str, batch_size: int, world_size: 
     config = load_deepspeed_config(None, preset, world_size=world_size, recipe=recipe)
     config["train_micro_batch_size_per_gpu"] = batch_size
     if dtype_name == "bf16":
-        config.update(bf16={"enabled": True}, data_types={"buffer_dtype": "bf16"})
+        config.update(bf16={"enabled": True}, zero_optimization={"stage": 1},
+                      data_types={"buffer_dtype": "bf16", "grad_accum_dtype": "fp32"})
     return config
 
 

@@ -44,10 +44,16 @@ class AveragedGenerator:
         """Move the average towards ``module`` after a generator step that has now seen ``images_seen`` images,
         ``batch`` of them in this step; buffers are copied as they are."""
         beta = self.beta(images_seen, batch)
-        for averaged, live in zip(self.module.parameters(), module.parameters(), strict=True):
-            averaged.copy_(live.detach().float().lerp(averaged, beta))
-        for averaged, live in zip(self.module.buffers(), module.buffers(), strict=True):
-            averaged.copy_(live.detach())
+        averaged = list(self.module.parameters())
+        live = [p.detach().float() for p in module.parameters()]  # casts only in bf16/fp16
+        if len(averaged) != len(live):
+            raise ValueError(f"the averaged generator has {len(averaged)} parameters, the live one {len(live)}")
+        # One operator for all tensors, not one per tensor (issue 18), and the same numbers as a per-tensor
+        # ``live.lerp(averaged, beta)``: the lerp starts from the live weights, as it always did.
+        torch._foreach_copy_(averaged, torch._foreach_lerp(live, averaged, beta))
+        buffers, live_buffers = list(self.module.buffers()), [b.detach() for b in module.buffers()]
+        if buffers:
+            torch._foreach_copy_(buffers, live_buffers)
 
     def state_dict(self) -> dict[str, Any]:
         return self.module.state_dict()

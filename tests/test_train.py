@@ -44,7 +44,7 @@ from brats_gan import schema
 from brats_gan.checkpoints import read_latest
 from brats_gan.commands import main as cli_main
 from brats_gan.data import Position, SliceStream, iterate_batches
-from brats_gan.train_config import DEFAULT_DEEPSPEED, load_deepspeed_config, precision_supported
+from brats_gan.train_config import DEFAULT_DEEPSPEED, ConfigError, load_deepspeed_config, precision_supported
 
 # ------------------------------------------------------------------------------------------ data
 
@@ -157,6 +157,18 @@ def test_deepspeed_configs_hold_the_papers_recipe_and_validate() -> None:
     assert paper["train_micro_batch_size_per_gpu"] == 8 and paper["optimizer"]["type"] == "Adam"
     assert (params["lr"], tuple(params["betas"]), params["weight_decay"]) == (2e-4, (0.5, 0.999), 1e-3)
     assert params["torch_adam"] and params["adam_w_mode"] is False, "L2 weight decay (Chainer's hook), not AdamW"
+    assert params["fused"], "torch's fused Adam: one kernel per step, not one per tensor (issue 18)"
+
+
+def test_zero_stage_1_is_bf16s_optimizer_and_refused_elsewhere(tmp_path: Path) -> None:
+    """paper_bf16.json steps through DeepSpeed's bf16 optimizer (ZeRO 1, fp32 gradients), not the per-tensor
+    overflow checks of FP16_UnfusedOptimizer; in fp32 a stage 1 would only partition: refused by name."""
+    bf16 = load_deepspeed_config(str(REPO / "deepspeed_configs" / "paper_bf16.json"), "paper", world_size=2)
+    assert bf16["zero_optimization"]["stage"] == 1 and bf16["data_types"]["grad_accum_dtype"] == "fp32"
+    fp32 = {**DEFAULT_DEEPSPEED["paper"], "zero_optimization": {"stage": 1}}
+    (tmp_path / "ds.json").write_text(json.dumps(fp32))
+    with pytest.raises(ConfigError, match="'zero_optimization.stage' 1 is for bf16 only"):
+        load_deepspeed_config(str(tmp_path / "ds.json"), "paper", world_size=1)
 
 
 # ------------------------------------------------------------------------------------------ refusals
