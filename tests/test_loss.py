@@ -1,0 +1,45 @@
+"""``brats_gan.loss``: the critic step's one concatenated forward (issue 18) computes what three forwards did."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from brats_gan.loss import WGANLoss
+from brats_gan.models import build_models, get_config
+
+
+def _phases(preset: str, concatenate: bool | None, grads: list) -> WGANLoss:
+    torch.manual_seed(0)
+    generator, critic = build_models(preset)
+    generator.double()
+    critic.double()
+    critic.noise_std = 0.0  # instance noise draws in another order when concatenated: compare without it
+    params = list(critic.parameters())
+    return WGANLoss(critic=critic, critic_module=critic, generator=generator, generator_module=generator,
+                    update_critic=lambda loss: grads.append(torch.autograd.grad(loss, params)),
+                    update_generator=lambda loss: None, latent_dim=get_config(preset).latent_dim, channels=3,
+                    device="cpu", dtype=torch.float64, concatenate=concatenate)
+
+
+def test_one_concatenated_critic_forward_gives_the_three_forwards_losses_and_gradients() -> None:
+    real = torch.rand(4, 1, 64, 64) * 2 - 1
+    results = {}
+    for concatenate in (False, True):
+        grads: list = []
+        phases = _phases("tiny", concatenate, grads)
+        torch.manual_seed(1)
+        results[concatenate] = (phases.critic_step(real), grads[0])
+    (three, three_grads), (one, one_grads) = results[False], results[True]
+    assert _phases("tiny", None, []).concatenate, "the tiny critic (layer norm) is concatenated by default"
+    for a, b in zip(three, one):  # loss, Wasserstein estimate, penalty
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), (a.item(), b.item())
+    assert three[2] > 0
+    for a, b in zip(three_grads, one_grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_a_batch_norm_critic_keeps_three_forwards() -> None:
+    assert not _phases("tiny-faithful", None, []).concatenate, "batch norm would mix real, fake and interpolates"
+    with pytest.raises(ValueError, match="batch norm or minibatch std"):
+        _phases("tiny-faithful", True, [])
