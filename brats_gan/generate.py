@@ -47,9 +47,10 @@ log = logging.getLogger(__name__)
 SHARD = 64  # samples per shard: the unit one write fills (8 chunks of 8)
 GRID_MAX = 100  # images drawn in --grid: the first ones of the store
 DEFAULT_BATCH = 32
-# Memory per image while the store's coordinates are written whole with its skeleton (subject names
-# and all): 290 bytes measured at a million images; and bytes per image of coordinates on disk.
-COORDINATE_MEMORY = 512
+# Memory per image while the store's coordinates are written whole with its skeleton (the subject
+# table, a JSON list of names in the group's attributes, and all): 532 bytes measured at a million
+# images (319 when the names were a string array); and bytes per image of coordinates on disk.
+COORDINATE_MEMORY = 768
 COORDINATE_DISK = 64
 
 
