@@ -1,4 +1,4 @@
-"""``brats_gan.loss``: the critic step's one concatenated forward (issue 18) computes what three forwards did."""
+"""``brats_gan.loss``: the critic step's one forward on real and fake together (issue 18) computes what two did."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _phases(preset: str, concatenate: bool | None, grads: list) -> WGANLoss:
                     device="cpu", dtype=torch.float64, concatenate=concatenate)
 
 
-def test_one_concatenated_critic_forward_gives_the_three_forwards_losses_and_gradients() -> None:
+def test_one_concatenated_critic_forward_gives_the_separate_forwards_losses_and_gradients() -> None:
     real = torch.rand(4, 1, 64, 64) * 2 - 1
     results = {}
     for concatenate in (False, True):
@@ -30,16 +30,16 @@ def test_one_concatenated_critic_forward_gives_the_three_forwards_losses_and_gra
         phases = _phases("tiny", concatenate, grads)
         torch.manual_seed(1)
         results[concatenate] = (phases.critic_step(real), grads[0])
-    (three, three_grads), (one, one_grads) = results[False], results[True]
+    (two, two_grads), (one, one_grads) = results[False], results[True]
     assert _phases("tiny", None, []).concatenate, "the tiny critic (layer norm) is concatenated by default"
-    for a, b in zip(three, one):  # loss, Wasserstein estimate, penalty
+    for a, b in zip(two, one):  # loss, Wasserstein estimate, penalty
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), (a.item(), b.item())
-    assert three[2] > 0
-    for a, b in zip(three_grads, one_grads):
+    assert two[2] > 0
+    for a, b in zip(two_grads, one_grads):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_a_batch_norm_critic_keeps_three_forwards() -> None:
-    assert not _phases("tiny-faithful", None, []).concatenate, "batch norm would mix real, fake and interpolates"
+def test_a_batch_norm_critic_keeps_separate_forwards() -> None:
+    assert not _phases("tiny-faithful", None, []).concatenate, "batch norm would mix real and fake"
     with pytest.raises(ValueError, match="batch norm or minibatch std"):
         _phases("tiny-faithful", True, [])
