@@ -36,6 +36,7 @@ from training_runs import (
     launch,
     launcher,
     master_port,
+    metric_rows,
     metric_steps,
     model_states,
 )
@@ -451,6 +452,28 @@ def test_a_start_sweeps_deepspeed_buffers_that_no_process_maps(tmp_path: Path) -
 
 
 @pytest.mark.slow
+def test_a_bf16_run_resumes_exactly(store: Path, tmp_path: Path) -> None:
+    """bf16 trains through DeepSpeed's bf16 optimizer (ZeRO 1, issue 18), whose checkpoint holds its flat
+    buffers' ``fragment_address`` tuples: the weights-only loader takes them, and the resumed run's losses are
+    those of the run that never stopped."""
+    config = json.loads((REPO / "deepspeed_configs" / "paper_bf16.json").read_text())
+    config["train_micro_batch_size_per_gpu"] = 4
+    (tmp_path / "bf16.json").write_text(json.dumps(config))
+    env = {"OMP_NUM_THREADS": "1"}
+
+    def train(run: Path, steps: int, *more: str) -> None:
+        run_cli("train", "--store", store, "--out", run, "--preset", "tiny", "--steps", str(steps),
+                "--deepspeed-config", tmp_path / "bf16.json", "--checkpoint-every", "2", "--sample-every", "0",
+                "--swd-images", "0", *more, env=env, ok=True)
+
+    train(tmp_path / "whole", 3)
+    train(tmp_path / "resumed", 2)
+    train(tmp_path / "resumed", 3, "--resume")
+    losses = ("critic_loss", "generator_loss", "wasserstein", "gradient_penalty")
+    whole, resumed = ([[row[k] for k in losses] for row in metric_rows(tmp_path / run)] for run in ("whole", "resumed"))
+    assert len(whole) == 3 and resumed == whole
+
+
 def test_resume_skips_a_cut_short_newest_checkpoint_and_still_matches(store: Path, uninterrupted: Path,
                                                                       tmp_path: Path) -> None:
     run = tmp_path / "copied"

@@ -95,17 +95,20 @@ class DeviceOutOfMemory(RuntimeError):
 
 def _weights_only_checkpoint_engine(engine: Any) -> None:
     """DeepSpeed's torch checkpoint engine loads with ``weights_only=False`` (arbitrary pickles); its
-    checkpoints of these models hold only tensors and plain containers, so load them the safe way."""
+    checkpoints of these models hold only tensors and plain containers (and, from its bf16 optimizer, the
+    ``fragment_address`` named tuples that map parameters into its flat buffers), so load them the safe way."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
         TorchCheckpointEngine,
     )
+    from deepspeed.utils.tensor_fragment import fragment_address
 
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         return
 
     class WeightsOnly(TorchCheckpointEngine):
         def load(self, path: str, map_location: Any = None) -> Any:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            with torch.serialization.safe_globals([fragment_address]):
+                return torch.load(path, map_location=map_location, weights_only=True)
 
     safe = WeightsOnly.__new__(WeightsOnly)
     safe.__dict__.update(engine.checkpoint_engine.__dict__)
