@@ -61,6 +61,8 @@ VARIANTS: dict[str, list[str]] = {
     "one-critic-noise-resize": ["--preset", "tiny", "--recipe", "one-critic-noise", "--upsample", "resize"],
     "one-critic-noise-subpixel": ["--preset", "tiny", "--recipe", "one-critic-noise", "--upsample", "subpixel"],
     "one-critic-noise-ema0.02": ["--preset", "tiny", "--recipe", "one-critic-noise", "--ema-rampup", "0.02"],
+    "one-critic-noise-resize-ema0.02": ["--preset", "tiny", "--recipe", "one-critic-noise", "--upsample", "resize",
+                                        "--ema-rampup", "0.02"],
 }
 # Variants that change Adam's parameters (one set for both networks): trained with a DeepSpeed config written
 # beside the runs, the tiny default's with these parameters changed.

@@ -320,3 +320,11 @@ def test_blurred_transposed_layer_doubles_the_side_centred_and_removes_the_2px_a
         blurred = block.blur(((ys + xs) % 2 * 2 - 1).expand(1, 32, 9, 9))[0, 0]
         assert blurred.shape == (8, 8) and blurred[1:-1, 1:-1].abs().max() < 1e-6
         assert torch.allclose(block.blur(torch.ones(1, 32, 9, 9))[0, 0, 1:-1, 1:-1], torch.ones(6, 6))
+
+
+def test_cli_shows_the_tiny_default_upsampling_and_the_poster_s_with_its_recipe(capsys):
+    assert cli_main(["models", "--preset", "tiny"]) == 0
+    default = capsys.readouterr().out
+    assert default.count("Upsample × 2 + Conv 3 × 3") == 4 and "T. Conv" not in default
+    assert cli_main(["models", "--preset", "tiny", "--recipe", "one-critic"]) == 0
+    assert capsys.readouterr().out.count("T. Conv 4 × 4") == 4

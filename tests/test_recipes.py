@@ -50,3 +50,18 @@ def test_a_bad_network_flag_is_refused_naming_it(tmp_path: Path) -> None:
 def test_an_unknown_recipe_is_refused_naming_the_flag(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--recipe \(training.recipe\): unknown recipe 'best'.*poster"):
         options(tmp_path, preset="tiny", recipe="best")
+
+
+def test_tiny_trains_without_the_grid_by_default_and_older_recipes_keep_their_networks(tmp_path: Path) -> None:
+    """Issue 19: the tiny presets' recipe resizes then convolves and gives the critic more instance noise; a run
+    recorded with `one-critic` (all tiny runs before) resumes with the networks it was built with."""
+    tiny = options(tmp_path, preset="tiny").training
+    assert tiny.recipe == "one-critic-noise-resize"
+    assert (tiny.model.upsample, tiny.model.resize_mode, tiny.model.critic_noise_std) == ("resize", "nearest", 0.2)
+    assert (tiny.n_critic, tiny.augment, tiny.model.generator_dropout) == (1, (), 0.0)
+    before = options(tmp_path, preset="tiny", recipe="one-critic").training
+    assert (before.model.upsample, before.model.critic_noise_std) == ("transposed", 0.1)
+    flagged = options(tmp_path, preset="tiny", upsample="subpixel").training
+    assert flagged.model.upsample == "subpixel" and flagged.model.critic_noise_std == 0.2
+    paper = options(tmp_path, preset="paper").training
+    assert (paper.model.upsample, paper.model.critic_noise_std) == ("transposed", 0.1), "paper keeps Table I"

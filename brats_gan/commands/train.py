@@ -59,8 +59,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--steps", type=int, help=f"generator steps to reach in total (default {t.steps})")
     run.add_argument("--seed", type=int, help=f"seed of weights, noise and data order (default {t.seed})")
     run.add_argument("--upsample", choices=UPSAMPLES,
-                     help="the generator's upsampling: transposed 4x4 convolutions (the poster's grid effect) or "
-                          "resize then 3x3 convolution (Odena et al. 2016) (default: the preset's)")
+                     help="the generator's upsampling: transposed 4x4 convolutions (the poster's grid effect), "
+                          "resize then 3x3 convolution (Odena et al. 2016), subpixel (3x3 convolution and pixel "
+                          "shuffle, ICNR-initialised) or transposed-blur (StyleGAN2's 3x3 transposed convolution "
+                          "and [1,3,3,1] filter) (default: the recipe's, else the preset's)")
     run.add_argument("--resize-mode", choices=RESIZE_MODES,
                      help="interpolation of --upsample resize (default: the preset's, nearest)")
     run.add_argument("--critic-mbstd", type=int, metavar="N",
