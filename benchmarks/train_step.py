@@ -8,8 +8,9 @@ Both sides run the same phases, ``brats_gan.loss.WGANLoss`` (WGAN-GP, no DiffAug
 ratio measures the engines and nothing else. Contender: the phases on two DeepSpeed engines built by
 ``brats_gan.train.build_engine`` from the preset's ``DEFAULT_DEEPSPEED`` recipe; for ``--dtype bf16``
 plus what ``deepspeed_configs/paper_bf16.json`` adds (``bf16.enabled``, ``data_types.buffer_dtype``
-bf16). Baseline: the phases on the plain modules, each loss's backward and ``torch.optim.Adam`` with
-the recipe's hyper-parameters (lr 2e-4, betas (0.5, 0.999), eps 1e-8, L2 weight decay 1e-3); for bf16
+bf16, ZeRO stage 1 with fp32 ``grad_accum_dtype``: DeepSpeed's bf16 optimizer). Baseline: the phases on
+the plain modules, each loss's backward and ``torch.optim.Adam`` with the recipe's hyper-parameters and
+implementation (lr 2e-4, betas (0.5, 0.999), eps 1e-8, L2 weight decay 1e-3, ``fused``); for bf16
 the modules are cast to bf16 and Adam steps fp32 master copies, as DeepSpeed's bf16 optimizer does.
 
 Both sides start from the same weights (same seed) and read the same micro-batches, pre-loaded in
