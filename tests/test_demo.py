@@ -22,6 +22,11 @@ def test_demo_runs_every_stage_and_replaces_only_its_own_folder(tmp_path):
     assert measured, first.stdout
     swd, floor, ratio = map(float, measured.groups())
     assert swd > floor > 0 and abs(ratio - swd / floor) < 0.06, "two steps of training are far from real slices"
+    grid = re.search(r"checkerboard (-?[\d.]+) dB synthetic, (-?[\d.]+) dB real: ([+-][\d.]+) dB", first.stdout)
+    assert grid, first.stdout
+    fake_db, real_db, excess = map(float, grid.groups())
+    assert abs(excess - (fake_db - real_db)) < 0.11, "the excess is synthetic minus real"
+    assert f"checkerboard:      {excess:+.1f} dB from the real slices" in first.stdout
 
     run = out / "run"
     assert (run / "checkpoints" / "latest").read_text().strip() == "2"

@@ -3,8 +3,8 @@
 It needs no download: it writes phantoms with tumour-like lesions, preprocesses them with Dask into a
 training store and a held-out store (other subjects), draws a preview, trains the tiny preset with its
 recipe in this process, generates a small synthetic store and its grid from the averaged generator, and
-measures the synthetic slices against the held-out ones (SWD beside the real-vs-real floor), in a folder
-of its own that each run replaces. About two minutes on two CPU cores.
+measures the synthetic slices against the held-out ones (SWD beside the real-vs-real floor, the checkerboard
+beside the real slices'), in a folder of its own that each run replaces. About two minutes on two CPU cores.
 """
 
 from __future__ import annotations
@@ -119,16 +119,21 @@ def run(args: argparse.Namespace) -> int:
     made = generate(run_dir, synthetic, SYNTHETIC, seed=args.seed, grid=out / "synthetic.png")
     print(f"[5/{STAGES}] {SYNTHETIC} synthetic slices from step {made.checkpoint.step}'s averaged generator: "
           f"{synthetic}, grid {made.grid}")
-    figures = evaluate(str(heldout), str(synthetic), metrics="swd", seed=args.seed)
+    figures = evaluate(str(heldout), str(synthetic), metrics="swd,checkerboard", seed=args.seed)
     ratio = figures["swd"] / figures["swd_floor"]
+    grid, grid_real = figures["checkerboard"], figures["checkerboard_real"]
     print(f"[6/{STAGES}] against the {args.heldout} held-out phantoms: SWD x1e3 {figures['swd']:.1f}, real-vs-real "
-          f"floor {figures['swd_floor']:.1f}: {ratio:.1f}x the floor (1x: as close as real slices are to each other)")
+          f"floor {figures['swd_floor']:.1f}: {ratio:.1f}x the floor (1x: as close as real slices are to each other); "
+          f"checkerboard {grid:.1f} dB synthetic, {grid_real:.1f} dB real: {grid - grid_real:+.1f} dB "
+          f"(the grid of stride-2 upsampling; 0: as in real slices)")
     print(f"\ndone in {time.perf_counter() - started:.0f} s: {len(report.stored)} subjects x {args.slices} slices "
           f"preprocessed in {report.seconds:.1f} s")
     print(f"  real store:        {store}   (preview {preview}; held out: {heldout})")
     print(f"  training run:      {run_dir}   (metrics.csv, samples/, checkpoints/, tensorboard/)")
     print(f"  synthetic store:   {synthetic}   (grid {made.grid})")
     print(f"  SWD:               {ratio:.1f}x its floor against held-out phantoms")
+    print(f"  checkerboard:      {grid - grid_real:+.1f} dB from the real slices ({grid:.1f} dB synthetic, "
+          f"{grid_real:.1f} dB real)")
     print(f"  inspect a store:   brats-gan info {store}")
     print(f"  open it:           python -c \"from brats_gan import open_store; print(open_store('{synthetic}'))\"")
     print(f"  more images:       brats-gan generate --checkpoint {run_dir} --num 1000 --out more.zarr --grid more.png")
