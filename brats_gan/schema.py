@@ -350,28 +350,19 @@ def check_outside_stores(out: str | os.PathLike[str], flag: str = "--out",
                     "rewritten (everything inside is deleted with it): choose a path outside the store")
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_SOFTWARE = "brats_gan"  # the start of the ``Software`` text chunk of every PNG brats_gan draws
 
 
 def drawn_by_brats_gan(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a PNG whose ``Software`` text chunk (before its pixels) names brats_gan, as
-    ``brats_gan.images`` marks every PNG it writes: only such a file may ever be replaced."""
+    """Whether ``path`` is a PNG whose ``Software`` text chunk names brats_gan, as ``brats_gan.images`` marks
+    every PNG it writes: only such a file may ever be replaced. Pillow reads the chunks before the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with open(path, "rb") as f:
-            if f.read(8) != PNG_SIGNATURE:
-                return False
-            while len(head := f.read(8)) == 8:
-                length, kind = int.from_bytes(head[:4], "big"), head[4:]
-                if kind in (b"IDAT", b"IEND") or length > 2**20:
-                    return False
-                data = f.read(length)
-                f.seek(4, os.SEEK_CUR)  # the chunk's CRC
-                if kind == b"tEXt" and data.startswith(b"Software\0" + PNG_SOFTWARE.encode()):
-                    return True
-    except OSError:
+        with Image.open(path, formats=["PNG"]) as image:
+            return str(image.info.get("Software", "")).startswith(PNG_SOFTWARE)
+    except (OSError, UnidentifiedImageError, ValueError):
         return False
-    return False
 
 
 def check_png_output(out: str | os.PathLike[str], flag: str) -> None:
