@@ -18,7 +18,16 @@ from pathlib import Path
 
 import pytest
 from conftest import cli, run_cli, shm_buffers
-from training_runs import LAUNCH_TIMEOUT, REPO, TINY, Listeners, free_port, launcher, master_port, metric_steps
+from training_runs import (
+    LAUNCH_TIMEOUT,
+    REPO,
+    TINY,
+    Listeners,
+    free_port,
+    launcher,
+    master_port,
+    signal_after_steps,
+)
 
 from brats_gan.commands import main as cli_main
 
@@ -32,14 +41,6 @@ def no_launcher(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     for name in LAUNCHER_ENV:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_a_partial_or_wrong_launcher_environment_is_refused_by_name(
@@ -220,26 +221,15 @@ def test_two_ranks_listen_on_loopback_only_and_ctrl_c_stops_them_with_one_line(s
     run = tmp_path / "run"
     command = launcher("--store", store, "--out", run, "--steps", "1000", *TINY)
     port = master_port(command)
-    with open(tmp_path / "run.log", "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-        try:
-            with Listeners(proc.pid) as listeners:  # from start-up to the third step
-                deadline = time.monotonic() + LAUNCH_TIMEOUT
-                while not (run / "metrics.csv").exists() or len(metric_steps(run)) < 3:
-                    assert proc.poll() is None, (tmp_path / "run.log").read_text()
-                    assert time.monotonic() < deadline, "no third step in time"
-                    time.sleep(0.05)
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(timeout=60)
-            deadline = time.monotonic() + 60
-            while _group_alive(proc.pid):
-                assert time.monotonic() < deadline, "the ranks did not stop within 60 s of Ctrl-C"
-                time.sleep(0.05)
-        finally:
-            if proc.poll() is None or _group_alive(proc.pid):
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    watched: list[Listeners] = []
+
+    def listeners(pid: int) -> Listeners:  # from start-up to the third step
+        watched.append(Listeners(pid))
+        return watched[0]
+
+    proc = signal_after_steps(command, run, tmp_path / "run.log", 3, signal.SIGINT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, watch=listeners)
+    listeners = watched[0]
     assert ("127.0.0.1", port) in listeners.seen and listeners.samples > 10, listeners.seen  # the master's store
     assert not listeners.beyond_loopback(), listeners.seen
     output = (tmp_path / "run.log").read_text()

@@ -39,13 +39,19 @@ from training_runs import (
     metric_rows,
     metric_steps,
     model_states,
+    signal_after_steps,
 )
 
 from brats_gan import schema
 from brats_gan.checkpoints import read_latest
 from brats_gan.commands import main as cli_main
 from brats_gan.data import Position, SliceStream, iterate_batches
-from brats_gan.train_config import DEFAULT_DEEPSPEED, ConfigError, load_deepspeed_config, precision_supported
+from brats_gan.train_config import (
+    DEFAULT_DEEPSPEED,
+    ConfigError,
+    load_deepspeed_config,
+    precision_supported,
+)
 
 # ------------------------------------------------------------------------------------------ data
 
@@ -308,24 +314,7 @@ def test_sigterm_stops_every_rank_after_one_step_checkpoints_it_and_resuming_mat
     """What SLURM's scancel or time limit does first: SIGTERM to every process of the job."""
     run = tmp_path / "terminated"
     command = launcher("--store", store, "--out", run, "--steps", "1000", "--checkpoint-on-signal", *TINY)
-    with open(tmp_path / "terminated.log", "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-        try:
-            deadline = time.monotonic() + LAUNCH_TIMEOUT
-            while not (run / "metrics.csv").exists() or len(metric_steps(run)) < 4:
-                assert proc.poll() is None, (tmp_path / "terminated.log").read_text()
-                assert time.monotonic() < deadline, "no training steps in time"
-                time.sleep(0.02)
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
-            deadline = time.monotonic() + 60  # the launcher exits at once; the ranks finish their step
-            while _group_alive(proc.pid):
-                assert time.monotonic() < deadline, "the ranks did not stop within 60 s of SIGTERM"
-                time.sleep(0.05)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    signal_after_steps(command, run, tmp_path / "terminated.log", 4, signal.SIGTERM)
     output = (tmp_path / "terminated.log").read_text()
     step = read_latest(run)
     assert step is not None and step == metric_steps(run)[-1], "the step at which it stopped is checkpointed"
@@ -380,14 +369,6 @@ def test_resume_auto_starts_continues_or_moves_a_run_without_checkpoint_aside(st
     refused = run_cli(*common[:3], "--out", other, *common[5:], "--steps", "1", env=env)
     assert refused.returncode == 2 and "exists and is not a training run folder" in refused.stderr
     assert sorted(p.name for p in other.iterdir()) == ["chapter1.tex"]
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_one_process_listens_on_loopback_only_and_sigterm_exits_143(store: Path, deepspeed_op: Path,

@@ -6,13 +6,19 @@ machine), which compare their runs with the same reference run (``uninterrupted`
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import ipaddress
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +55,47 @@ def launcher(*args: str | Path, ranks: int = 2, port: int | None = None) -> list
 def master_port(command: list[str]) -> int:
     """The master port of a :func:`launcher` command line (its DeepSpeed buffers carry it)."""
     return int(command[command.index("--master_port") + 1])
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group ``pgid`` (a launcher and its ranks) still runs."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def signal_after_steps(command: list[str], run: Path, log: Path, steps: int, signum: int,
+                       env: dict[str, str] | None = None,
+                       watch: Callable[[int], AbstractContextManager] | None = None) -> subprocess.Popen:
+    """Launch ``command`` in a process group of its own (output to ``log``) and, once ``run`` has ``steps``
+    metric rows, send ``signum`` to the whole group, as a terminal's Ctrl-C or a scheduler's SIGTERM does;
+    return once every process of the group has exited (60 s at most; what is left is killed on failure).
+    ``watch(pid)``, a context manager, is held from start-up to that step (e.g. :class:`Listeners`)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                                env=env)
+        try:
+            with watch(proc.pid) if watch else contextlib.nullcontext():
+                deadline = time.monotonic() + LAUNCH_TIMEOUT
+                while not (run / "metrics.csv").exists() or len(metric_steps(run)) < steps:
+                    assert proc.poll() is None, log.read_text()
+                    assert time.monotonic() < deadline, f"no step {steps} within {LAUNCH_TIMEOUT} s"
+                    time.sleep(0.02)
+            os.killpg(proc.pid, signum)
+            proc.wait(timeout=60)
+            deadline = time.monotonic() + 60  # the launcher exits at once; the ranks finish their step
+            while group_alive(proc.pid):
+                assert time.monotonic() < deadline, \
+                    f"the ranks did not stop within 60 s of {signal.Signals(signum).name}"
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None or group_alive(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return proc
 
 
 def launch(*args: str | Path, ranks: int = 2) -> subprocess.CompletedProcess:
