@@ -215,8 +215,8 @@ def test_bad_input_is_refused_before_any_work(store: Path, store_factory, tmp_pa
     _refused(capsys, ["--out", str(out), "--resume"], "names no complete checkpoint")
     before = {p: p.stat().st_mtime_ns for p in finished.rglob("*")}
     _refused(capsys, ["--out", str(finished), "--resume", "--seed", "1"], "--seed 1 differs from the run's 0")
-    _refused(capsys, ["--out", str(finished), "--resume", "--upsample", "resize"],
-             "--upsample 'resize' differs from the run's 'transposed'")  # the tiny preset's, not given at the start
+    _refused(capsys, ["--out", str(finished), "--resume", "--upsample", "transposed"],
+             "--upsample 'transposed' differs from the run's 'resize'")  # the tiny recipe's, not given at the start
     assert {p: p.stat().st_mtime_ns for p in finished.rglob("*")} == before
     assert sorted(p.name for p in out.iterdir()) == ["training_options.json"]
 
