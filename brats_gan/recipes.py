@@ -27,6 +27,8 @@ class Recipe:
 
 
 POSTER_ADAM = {"lr": 0.0002, "betas": [0.5, 0.999], "weight_decay": 0.001}
+# one critic step per generator step, no DiffAugment: what the one-critic recipes share
+ONE_CRITIC_TRAINING = {"n_critic": 1, "gp_lambda": 10.0, "augment": (), "augment_p": 1.0}
 
 RECIPES: dict[str, Recipe] = {
     "poster": Recipe(
@@ -46,7 +48,7 @@ RECIPES: dict[str, Recipe] = {
                 "dropout: the best of 14 variants on the tiny phantoms at equal wall time (3 seeds; "
                 "benchmarks/README.md)",
         adam=POSTER_ADAM,
-        training={"n_critic": 1, "gp_lambda": 10.0, "augment": (), "augment_p": 1.0},
+        training=ONE_CRITIC_TRAINING,
         model={"generator_dropout": 0.0},
     ),
     "one-critic-noise": Recipe(
@@ -54,7 +56,7 @@ RECIPES: dict[str, Recipe] = {
                 "2000 steps (checkerboard +2.8 dB over the real slices' against +4.6, SWD 2.6x the floor against "
                 "3.0x; 3 seeds, benchmarks/README.md, issue 19)",
         adam=POSTER_ADAM,
-        training={"n_critic": 1, "gp_lambda": 10.0, "augment": (), "augment_p": 1.0},
+        training=ONE_CRITIC_TRAINING,
         model={"generator_dropout": 0.0, "critic_noise_std": 0.2},
     ),
     "one-critic-noise-resize": Recipe(
@@ -62,7 +64,7 @@ RECIPES: dict[str, Recipe] = {
                 "at 2000 steps the grid within 1 dB of the real slices' (median +0.85 dB against one-critic's "
                 "+4.6) and SWD 2.4x the floor (3.0x) (3 seeds; benchmarks/README.md, issue 19)",
         adam=POSTER_ADAM,
-        training={"n_critic": 1, "gp_lambda": 10.0, "augment": (), "augment_p": 1.0},
+        training=ONE_CRITIC_TRAINING,
         model={"generator_dropout": 0.0, "critic_noise_std": 0.2, "upsample": "resize", "resize_mode": "nearest"},
     ),
 }
