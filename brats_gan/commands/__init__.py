@@ -52,6 +52,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+#: the exit status of a command whose output could not be written (a full disk, a quota): train, generate
+EXIT_UNSAVED = 5
+
 #: the exit status of a command whose reader closed its standard output (`brats-gan info STORE | head`):
 #: 128 + SIGPIPE, what a shell reports for a Unix tool that the same closed pipe stopped
 STDOUT_CLOSED = 128 + signal.SIGPIPE

@@ -6,9 +6,8 @@ import argparse
 import sys
 
 from brats_gan.checkpoints import WEIGHTS
+from brats_gan.commands import EXIT_UNSAVED
 from brats_gan.generate import DEFAULT_BATCH, GRID_MAX, OutputNotWritten, generate
-
-EXIT_UNSAVED = 5  # as `brats-gan train`'s: an output could not be written (a full disk, a quota)
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from brats_gan.augment import POLICIES as AUGMENT_POLICIES
+from brats_gan.commands import EXIT_UNSAVED
 from brats_gan.data import CACHE_MODES
 from brats_gan.errors import UserError, one_line
 from brats_gan.models import RESIZE_MODES, UPSAMPLES
@@ -38,7 +39,6 @@ log = logging.getLogger("brats_gan.train")
 DESCRIPTION = "Train the WGAN of the poster with two DeepSpeed data-parallel engines, streaming from the slice store."
 EXIT_DIVERGED = 3
 EXIT_OUT_OF_MEMORY = 4
-EXIT_UNSAVED = 5
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
