@@ -53,7 +53,7 @@ def _whole(name: str, low: int, high: int | None = None, what: str = "") -> int:
         number = None
     if number is None or number < low or (high is not None and number > high):
         bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
-        raise LaunchError(f"{name} {value!r}{what} must be a whole number {bound}", every_rank=name != "RANK")
+        raise LaunchError(f"{name} {value!r}{what} must be a whole number {bound}", every_rank=name not in ("RANK", "LOCAL_RANK"))
     return number
 
 
