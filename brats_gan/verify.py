@@ -77,10 +77,6 @@ def check_store(path: str | Path, *, rank: int = 0, world_size: int = 1, progres
     with schema.quiet_consolidated_warning():
         group = zarr.open_group(str(path), mode="r")
     image = group[schema.IMAGE]
-    try:
-        subjects = schema.sample_subjects(group, summary.attrs)
-    except Exception:  # noqa: BLE001  (a damaged subject array: name shards by number instead)
-        subjects = None
 
     def check(i: int) -> str | None:
         a, b = i * length, min((i + 1) * length, n)
@@ -111,8 +107,13 @@ def check_store(path: str | Path, *, rank: int = 0, world_size: int = 1, progres
     report = StoreCheck(str(path), n_shards, len(wanted), n, checksums)
     if rank == 0:
         report.problems.extend(metadata_problems(path))
-    for i, verdict in zip(wanted, verdicts):
-        if verdict is not None:
+    damaged = [(i, verdict) for i, verdict in zip(wanted, verdicts) if verdict is not None]
+    if damaged:  # names only to say whose slices: a clean store reads them once (read_summary)
+        try:
+            subjects = schema.sample_subjects(group, summary.attrs)
+        except Exception:  # noqa: BLE001  (a damaged subject array: name shards by number instead)
+            subjects = None
+        for i, verdict in damaged:
             report.problems.append((_who(subjects, i * length, min((i + 1) * length, n), i), verdict))
     report.seconds = time.perf_counter() - started
     log.debug("checked %d of %d shards of %s in %.2f s", len(wanted), n_shards, path, report.seconds)
