@@ -9,6 +9,8 @@ import signal
 import threading
 from collections.abc import Iterator
 
+from brats_gan.errors import describe
+
 log = logging.getLogger(__name__)
 
 #: glibc settings for preprocessing workers (see ``dask_client``); launch/preprocess_slurm.sh sets the same.
@@ -68,7 +70,7 @@ def dask_client(
             client = Client(scheduler, timeout=connect_timeout_s)
         except (OSError, TimeoutError, ValueError, TypeError) as err:
             raise ClusterError(f"--scheduler {scheduler}: cannot connect within {connect_timeout_s:.0f} s "
-                               f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); is the scheduler "
+                               f"({describe(err, 200)}); is the scheduler "
                                "running and the address tcp://HOST:PORT?") from None
         with client:
             announce(f"Dask scheduler {scheduler}; dashboard: {client.dashboard_link}")

@@ -13,7 +13,11 @@ class UserError(BratsGanError):
     """Input or options a user can fix (a flag, a file, a store): printed as one line, exit status 2."""
 
 
+def describe(err: BaseException, limit: int | None = None) -> str:
+    """An exception as ``Type: message`` on one line (at most ``limit`` characters of the message)."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:limit]}"
+
+
 def one_line(err: BaseException) -> str:
     """An error no check foresaw, in one line, with the way to its traceback."""
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:500]} (run with -v for the traceback)"
+    return f"{describe(err, 500)} (run with -v for the traceback)"

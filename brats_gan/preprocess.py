@@ -35,6 +35,7 @@ import numpy as np
 
 from brats_gan import locks, schema, store_writer
 from brats_gan.discover import Subject, canonical_modality
+from brats_gan.errors import describe
 from brats_gan.transforms import (
     SLICE_POLICIES,
     InvalidVolume,
@@ -319,7 +320,7 @@ def create_store(path: str, config: PreprocessConfig, planned: list[str], overwr
         _open_group(path).create_group(schema.PROGRESS_GROUP)  # here, once: workers creating it at once would race
     except OSError as err:  # a full disk: what was written is this call's own (the folder was new or empty)
         _remove_contents(Path(path), remove_folder=not existed)
-        reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        reason = describe(err)
         raise PreprocessError(f"cannot create {path} ({reason}); free space, then run the same command again") from err
     log.info("created %s for %d subjects x %d slices", path, len(planned), config.slices)
     return token
@@ -426,7 +427,7 @@ def store_subject(subject: Subject, config: PreprocessConfig, path: str, token: 
 def write_failure(store: str, err: OSError, what: str = "write",
                   kept: str = "the subjects already stored are kept") -> PreprocessError:
     """A failed write of ``store`` in one line, with the advice its cause calls for."""
-    reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    reason = describe(err)
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         advice = "free space (or raise the quota or file-size limit), then"
     else:
