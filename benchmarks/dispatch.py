@@ -13,7 +13,8 @@ counted:
   as ``train_step.py`` joins the process group), over a small random store written through
   ``brats_gan.store_writer`` at the model's size: the preset's recipe (or ``--recipe``), so DiffAugment and
   ``n_critic`` as a run of that preset has them, the critic's instance noise, the averaged generator's
-  update and the figures' readout (all-reduce, ``tolist``). Its micro-batches are the loader's (one float16
+  update, without the figures' readout, which the trainer does once per ``--log-every`` steps (counted
+  apart, for one step's figures: ``per_read``). Its micro-batches are the loader's (one float16
   channel, as stored), read before counting: the loader's work runs on the host (in workers on a GPU
   node); ``to_model``'s copy to the device, cast and channel repeat are counted, as a GPU pays them.
 - ``deepspeed`` and ``torch``: the bare sides of ``benchmarks/train_step.py`` (WGAN-GP, no DiffAugment,
@@ -168,7 +169,8 @@ PHASE_HELP = {
     "optimiser": "the critic's optimiser step: Adam, and DeepSpeed's or the baseline's work around it",
     "generator": "the whole generator step: noise, forward through the frozen critic, backward, Adam",
     "ema": "the averaged generator's update",
-    "readout": "the step's figures: stacked, averaged, all-reduced, read back with tolist",
+    "readout": "the step's figures stacked on the device (all-reduced and read back once per --log-every steps: "
+               "per_read)",
 }
 STICKY = frozenset({"generator", "ema"})  # everything inside them stays theirs
 
@@ -448,16 +450,27 @@ def count_side(args: argparse.Namespace, side: str, dtype_name: str, device: str
         choose_optimizer(optimizers, args.optimizer)
         torch.manual_seed(args.seed + 1)
         step()
+        if side == "trainer":
+            owner.read_out()
         counter = OpCounter(host_step_counters(optimizers))
         torch.manual_seed(args.seed + 2)
         with _instrument(counter, owner.phases, engines.critic if engines else None, ema), counting(counter):
             step()
+        per_read = None
+        if side == "trainer":
+            reading = OpCounter()
+            with counting(reading):
+                owner.read_out()
+            per_read = {"launching_ops": sum(reading.launching.values()),
+                        "host_reads": {w: dict(sorted(c.items())) for w, c in reading.reads.items()}}
         wrapper = type(engines.critic.optimizer).__name__ if engines else "Adam"
         result = {"preset": args.preset, "dtype": dtype_name, "side": side, "n_critic": n_critic,
                   "batch_size": args.batch_size, "augment": list(owner.phases.augment_policies),
                   "optimizer": f"{wrapper} ({args.optimizer})" if wrapper == "Adam"
                   else f"{wrapper} over Adam ({args.optimizer})",
                   **counter.result()}
+        if per_read is not None:
+            result["per_read"] = per_read
         if args.top:
             result["top_ops"] = dict(counter.by_op.most_common(args.top))
     del owner
@@ -528,6 +541,10 @@ def table(results: list[dict[str, Any]]) -> str:
                      f"of host tensors: {reads_text(r['host_reads']['host'])}")
         lines.append("    " + ", ".join(f"{p} {n:,} ({n / max(launching, 1):.0%})"
                                         for p, n in r["phases"].items() if n))
+        if "per_read" in r:
+            read = r["per_read"]
+            lines.append(f"    and once per --log-every steps, the figures' read: {read['launching_ops']} launching, "
+                         f"reads of device tensors: {reads_text(read['host_reads']['device'])}")
         for op, n in r.get("top_ops", {}).items():
             lines.append(f"      {n:6,}  {op}")
     return "\n".join(lines)

@@ -135,6 +135,7 @@ class CheckpointConfig:
     samples: int = 16
     swd_images: int = 256  # generated vs real images for the SWD at each checkpoint; 0: none
     on_signal: bool = False  # checkpoint the step at which SIGTERM/SIGUSR1 stops the run
+    log_every: int = 10  # steps between reads of the figures (and of a stop request) by the host
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--out": ("checkpoint", "out"), "--checkpoint-every": ("checkpoint", "every"),
     "--keep-checkpoints": ("checkpoint", "keep"), "--sample-every": ("checkpoint", "sample_every"),
     "--samples": ("checkpoint", "samples"), "--swd-images": ("checkpoint", "swd_images"),
-    "--checkpoint-on-signal": ("checkpoint", "on_signal"),
+    "--checkpoint-on-signal": ("checkpoint", "on_signal"), "--log-every": ("checkpoint", "log_every"),
 }
 # Options that change the preset's network; None means the preset's own.
 MODEL_CHOICES = {("training", "upsample"), ("training", "resize_mode"), ("training", "critic_mbstd_group"),
@@ -174,7 +175,7 @@ MODEL_CHOICES = {("training", "upsample"), ("training", "resize_mode"), ("traini
 # What a resumed run may change; anything else would make it a different run.
 RESUMABLE_CHANGES = {("training", "steps"), ("checkpoint", "every"), ("checkpoint", "keep"),
                      ("checkpoint", "sample_every"), ("checkpoint", "samples"), ("data", "num_workers"),
-                     ("checkpoint", "swd_images"), ("checkpoint", "on_signal"), ("data", "verify"),
+                     ("checkpoint", "swd_images"), ("checkpoint", "on_signal"), ("data", "verify"), ("checkpoint", "log_every"),
                      ("data", "store"), ("data", "cache")}
 
 
@@ -211,6 +212,7 @@ def validate(options: Options) -> None:
     checks.append((("training", "loss"), t.loss in LOSSES, f"one of {', '.join(LOSSES)}"))
     at_least(("checkpoint", "every"), c.every, 1)
     at_least(("checkpoint", "keep"), c.keep, 1)
+    at_least(("checkpoint", "log_every"), c.log_every, 1)
     if c.sample_every is not None:
         at_least(("checkpoint", "sample_every"), c.sample_every, 0)
     checks.append((("checkpoint", "samples"), isinstance(c.samples, int) and 1 <= c.samples <= 256, "in [1, 256]"))

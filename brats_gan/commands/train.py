@@ -112,6 +112,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     ck.add_argument("--swd-images", type=int,
                     help=f"generated and real images whose SWD is measured at each checkpoint, to the CSV, "
                          f"TensorBoard and the `best` pointer (default {c.swd_images}; 0: none)")
+    ck.add_argument("--log-every", type=int,
+                    help=f"steps between the host's reads of the losses (metrics.csv gets every step's, in one "
+                         f"read per this many steps: a GPU runs ahead until then); a stop by signal or a non-finite "
+                         f"loss takes effect at such a step, and at every checkpoint and sample (default {c.log_every})")
     ck.add_argument("--checkpoint-on-signal", action="store_true", default=None,
                     help="on SIGTERM, SIGINT or SIGUSR1, checkpoint the step at which the run stops; without it "
                          "the run stops at that step boundary and keeps its last checkpoint (launch/train_slurm.sh: "

@@ -219,6 +219,8 @@ class Trainer:
         self._barrier()
         self.metrics = MetricsLog(self.run_dir, self.step) if self.is_main else None
         self.skipped = self._skipped_updates()
+        self._unread: list[tuple[torch.Tensor, int, Position]] = []  # steps not yet read back (read_out)
+        self._window_start = time.perf_counter()
 
 
     def _barrier(self) -> None:
@@ -227,7 +229,8 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def fit(self) -> None:
-        """Steps until ``--steps``: train, log, and every K steps checkpoint and draw samples."""
+        """Steps until ``--steps``: train; every ``--log-every`` steps read the figures back and log them; every
+        K steps checkpoint and draw samples (each after a read, so that no non-finite step is saved)."""
         if self.step >= self.t.steps:
             log.info("run is at step %d, --steps is %d: nothing to do", self.step, self.t.steps)
             if self.metrics:
@@ -244,64 +247,87 @@ class Trainer:
         bar = tqdm(total=self.t.steps, initial=self.step, disable=not self.is_main, unit="step",
                    dynamic_ncols=True, file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30)
         redirect = logging_redirect_tqdm() if self.is_main else contextlib.nullcontext()
+        self._window_start = time.perf_counter()
         try:
             with bar, redirect:
                 while self.step < self.t.steps and self.stopped_by is None:
-                    row = self.train_step(batches)
-                    checkpoint = (self.step % self.c.every == 0 or self.step == self.t.steps
-                                  or (self.stopped_by is not None and self.c.on_signal))
-                    row["swd"] = self.measure_swd() if checkpoint else None
-                    if self.metrics:
-                        self.metrics.write(row)
+                    self.train_step(batches)
                     bar.update(1)
-                    bar.set_postfix(W=f"{row['wasserstein']:.3f}", img_s=f"{row['images_per_s']:.0f}", refresh=False)
+                    last = self.step == self.t.steps
+                    due_checkpoint = last or self.step % self.c.every == 0
+                    due_sample = bool(sample_every) and (last or self.step % sample_every == 0)
+                    if not (due_checkpoint or due_sample or self.step % self.c.log_every == 0):
+                        continue
+                    rows = self.read_out()
+                    checkpoint = due_checkpoint or (self.stopped_by is not None and self.c.on_signal)
+                    rows[-1]["swd"] = self.measure_swd() if checkpoint else None
+                    if self.metrics:
+                        for row in rows:
+                            self.metrics.write(row)
+                    bar.set_postfix(W=f"{rows[-1]['wasserstein']:.3f}", img_s=f"{rows[-1]['images_per_s']:.0f}",
+                                    refresh=False)
                     if checkpoint:
-                        self.save(row["swd"])
-                    if sample_every and (self.step % sample_every == 0 or self.step == self.t.steps):
+                        self.save(rows[-1]["swd"])
+                    if due_sample:
                         self.sample_grid()
+                    self._window_start = time.perf_counter()
         finally:
             batches.close()
             if self.metrics:
                 self.metrics.close()
 
-    def train_step(self, batches: Iterator[tuple[Position, torch.Tensor]]) -> dict[str, Any]:
-        """``n_critic`` critic steps and one generator step; the metrics row, averaged over ranks.
-
-        The rank average is one all-reduce per step, which also makes every rank see the same
-        non-finite value and stop at the same step.
-        """
-        start = time.perf_counter()
+    def train_step(self, batches: Iterator[tuple[Position, torch.Tensor]]) -> None:
+        """``n_critic`` critic steps and one generator step. Nothing is read back to the host: the step's
+        figures stay on the device, queued for :meth:`read_out`, so a GPU runs ahead of the Python loop."""
         figures, position = self.phases.iteration(batches, self.t.n_critic, self.stream.batch_size)
         self.step += 1
-        self._report_skipped()
         if self.ema is not None:
             self.ema.update(self.generator.module, self.step * self.generator_batch, self.generator_batch)
         bpe = self.stream.batches_per_epoch
         self.position = (Position(position.epoch, position.batch + 1) if position.batch + 1 < bpe
                          else Position(position.epoch + 1, 0))
-        asked = 0.0 if self.stop.signum is None else 1.0  # rides along, so that every rank stops here
+        self._unread.append((figures, self.step, self.position))
+
+    def read_out(self) -> list[dict[str, Any]]:
+        """The metrics rows of the steps since the last read, averaged over ranks: one all-reduce and one read
+        by the host for all of them. A stop request rides along, so that every rank stops at the same step,
+        and every rank sees the same non-finite value and stops there (``TrainingDiverged``).
+
+        ``step_s`` is the window's wall time per step: a GPU's time is known only where the host waits for it.
+        """
+        unread, self._unread = self._unread, []
+        asked = 0.0 if self.stop.signum is None else 1.0
+        figures = torch.stack([f for f, _, _ in unread]).flatten()
         values = torch.cat([figures, figures.new_full((1,), asked)])
         dist.all_reduce(values)
-        *losses, stops = values.tolist()
-        c_loss, wasserstein, penalty, g_loss = (v / self.env.world_size for v in losses)
+        *flat, stops = values.tolist()
         if stops > 0:
             self.stopped_by = self.stop.signum or signal.SIGTERM
-        step_s = time.perf_counter() - start
+        self._report_skipped()
+        step_s = (time.perf_counter() - self._window_start) / len(unread)
         real_images = self.stream.batch_size * self.env.world_size * self.t.n_critic
-        row = {"step": self.step, "epoch": round(self.position.epoch + self.position.batch / bpe, 4),
-               "critic_loss": c_loss, "generator_loss": g_loss, "wasserstein": wasserstein,
-               "gradient_penalty": penalty, "step_s": round(step_s, 5),
-               "images_per_s": round(real_images / step_s, 2), "time": round(time.time(), 3)}
-        if not all(math.isfinite(v) for v in (c_loss, wasserstein, penalty, g_loss)):
-            raise TrainingDiverged(self._diverged_message(row))
-        return row
+        bpe = self.stream.batches_per_epoch
+        rows = []
+        for i, (_, step, position) in enumerate(unread):
+            c_loss, wasserstein, penalty, g_loss = (v / self.env.world_size for v in flat[4 * i:4 * i + 4])
+            row = {"step": step, "epoch": round(position.epoch + position.batch / bpe, 4),
+                   "critic_loss": c_loss, "generator_loss": g_loss, "wasserstein": wasserstein,
+                   "gradient_penalty": penalty, "step_s": round(step_s, 5),
+                   "images_per_s": round(real_images / step_s, 2), "time": round(time.time(), 3), "swd": None}
+            if not all(math.isfinite(v) for v in (c_loss, wasserstein, penalty, g_loss)):
+                if self.metrics:
+                    for good in rows:
+                        self.metrics.write(good)
+                raise TrainingDiverged(self._diverged_message(row))
+            rows.append(row)
+        return rows
 
     def _skipped_updates(self) -> tuple[int, int]:
         """Updates DeepSpeed skipped so far (critic, generator): fp16 gradients that overflowed."""
         return self.critic.skipped_steps, self.generator.skipped_steps
 
     def _report_skipped(self) -> None:
-        """Log the updates fp16's dynamic loss scaling skipped in this step. An overflow is not divergence:
+        """Log the updates fp16's dynamic loss scaling skipped since the last read (:meth:`read_out`). An overflow is not divergence:
         DeepSpeed keeps the weights, lowers the loss scale and training goes on (the first steps overflow
         until the scale fits); only a non-finite loss stops the run."""
         skipped = self._skipped_updates()
