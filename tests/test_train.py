@@ -203,6 +203,7 @@ def test_bad_input_is_refused_before_any_work(store: Path, store_factory, tmp_pa
     _refused(capsys, ["--store", str(store), *common, "--deepspeed-config", str(bad)], "weight_decy")
     _refused(capsys, ["--store", str(store), *common, "--deepspeed-config", str(tmp_path)], "is a directory")
     _refused(capsys, ["--store", str(store), *common, "--n-critic", "0"], "--n-critic (training.n_critic)")
+    _refused(capsys, ["--store", str(store), *common, "--log-every", "0"], "--log-every (checkpoint.log_every) must be")
     _refused(capsys, ["--out", str(out), "--resume"], "not a training run")
     assert not out.exists(), "nothing may be written for a refused run"
     finished = tmp_path / "finished"  # one rank, one step: the cheapest run with a complete checkpoint
@@ -487,6 +488,8 @@ def test_a_finished_run_resumes_and_continues_counting(store: Path, uninterrupte
 @pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
         store_factory, tmp_path: Path) -> None:
+    """The NaN comes in at step 3, between two reads of the figures (--log-every 4): the read that the
+    checkpoint at step 4 forces finds it, names step 3, and saves nothing after step 2."""
     import zarr
 
     store = store_factory(subjects=4, slices=12, seed=5)
@@ -499,12 +502,13 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     image[sample, 0, 100, 100] = np.nan
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "brats_gan.train", "--store", str(poisoned), "--out", str(run),
-                           "--preset", "tiny", "--recipe", "poster", "--steps", "6", "--checkpoint-every", "1",
-                           "--no-verify-store"],  # else the NaN is refused before step 1 (test_verify.py)
+                           "--preset", "tiny", "--recipe", "poster", "--steps", "6", "--checkpoint-every", "2",
+                           "--log-every", "4", "--no-verify-store"],  # else the NaN is refused before step 1 (test_verify.py)
                           check=False, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # 2 threads stall when other jobs share the cores
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "non-finite loss at step 3" in proc.stderr and "still names step 2" in proc.stderr
     assert read_latest(run) == 2
+    assert metric_steps(run) == [1, 2], "the good steps' rows are kept, none after them"
     states = model_states(run, 2)
     assert all(torch.isfinite(t).all() for t in states["generator"]["module"].values())
