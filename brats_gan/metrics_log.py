@@ -17,7 +17,8 @@ class MetricsLog:
     ``critic_loss``, ``wasserstein`` (the critic's estimate ``D(real) - D(fake)``) and
     ``gradient_penalty`` are means over the step's ``n_critic`` critic updates; every value is the
     mean over ranks. ``images_per_s`` counts the real images all ranks' critics consumed per second
-    of the step (``micro-batch x ranks x n_critic / step_s``).
+    of the step (``micro-batch x ranks x n_critic / step_s``); the trainer reads the figures back every
+    ``--log-every`` steps, so ``step_s`` is the mean over the steps of that read.
 
     On resume both drop what a killed run wrote after the checkpoint it resumes from, so the logs
     read as one uninterrupted run.
