@@ -63,6 +63,8 @@ VARIANTS: dict[str, list[str]] = {
     "one-critic-noise-ema0.02": ["--preset", "tiny", "--recipe", "one-critic-noise", "--ema-rampup", "0.02"],
     "one-critic-noise-resize-ema0.02": ["--preset", "tiny", "--recipe", "one-critic-noise", "--upsample", "resize",
                                         "--ema-rampup", "0.02"],
+    "one-critic-noise-resize-gp4": ["--preset", "tiny", "--recipe", "one-critic-noise-resize", "--gp-every", "4"],
+    "one-critic-noise-resize-gp8": ["--preset", "tiny", "--recipe", "one-critic-noise-resize", "--gp-every", "8"],
     # at 256 px (a GPU's): Tables I and II with the poster's recipe, against the tiny default's recipe
     "paper": ["--preset", "paper", "--recipe", "poster"],
     "paper-one-critic-noise-resize": ["--preset", "paper", "--recipe", "one-critic-noise-resize"],

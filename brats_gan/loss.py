@@ -8,7 +8,9 @@ DeepSpeed engines (the trainer) and on plain modules with ``torch.optim.Adam`` (
 
 The loss (``wgan-gp``, the default) is WGAN-GP (Gulrajani et al. 2017): each critic step minimises
 ``D(fake) - D(real) + lambda * (|grad_x D(x_hat)| - 1)^2`` with ``x_hat`` a random interpolate of a real and
-a fake image; the generator minimises ``-D(G(z))``. ``wgan-clip`` is the original WGAN (Arjovsky et al.
+a fake image; the generator minimises ``-D(G(z))``. With ``gp_every`` N > 1 the penalty is lazy
+(StyleGAN2's lazy regularisation, Karras et al. 2020): only every N-th critic step of the run carries it,
+weighted N times, so its forward and double backward (most of a step's operators) run 1/N as often. ``wgan-clip`` is the original WGAN (Arjovsky et al.
 2017): no penalty, critic weights clipped to ``[-clip, clip]`` after each critic step.
 
 DeepSpeed allows a backward through a graph built by calling an engine only inside that engine's own
@@ -105,12 +107,14 @@ class WGANLoss:
     dtype: torch.dtype
     loss: str = "wgan-gp"
     gp_lambda: float = 10.0
+    gp_every: int = 1  # the penalty on every gp_every-th critic step, lambda times gp_every (lazy regularisation)
     clip_value: float = 0.01
     augment_policies: Sequence[str] = ()
     augment_p: float = 1.0
     concatenate: bool | None = None  # one critic forward for real and fake; None: where it is exact
 
     def __post_init__(self) -> None:
+        self.critic_steps = 0  # critic updates so far, over the whole run: which ones the lazy penalty falls on
         if self.concatenate is None:
             self.concatenate = per_sample(self.critic_module)
         if self.concatenate and not per_sample(self.critic_module):
@@ -138,9 +142,10 @@ class WGANLoss:
             fake_score = self.critic(fake).float().mean()
         loss = fake_score - real_score
         penalty = torch.zeros((), device=self.device)
-        if self.loss == "wgan-gp":
+        if self.loss == "wgan-gp" and self.critic_steps % self.gp_every == 0:
             penalty = self.gradient_penalty(real, fake)
-            loss = loss + self.gp_lambda * penalty
+            loss = loss + self.gp_lambda * self.gp_every * penalty
+        self.critic_steps += 1
         self.update_critic(loss)
         if self.loss == "wgan-clip":
             with torch.no_grad():

@@ -101,6 +101,7 @@ class TrainingConfig:
     loss: str = "wgan-gp"
     n_critic: int = 5
     gp_lambda: float = 10.0
+    gp_every: int = 1  # the penalty on every N-th critic step, lambda x N (lazy regularisation); 1: every step
     clip_value: float = 0.01
     augment: tuple[str, ...] = ("translation", "cutout")  # DiffAugment (brats_gan.augment); () = none
     augment_p: float = 1.0  # each policy's probability per image
@@ -157,7 +158,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--preset": ("training", "preset"), "--recipe": ("training", "recipe"), "--steps": ("training", "steps"),
     "--seed": ("training", "seed"),
     "--loss": ("training", "loss"), "--n-critic": ("training", "n_critic"),
-    "--gp-lambda": ("training", "gp_lambda"), "--clip-value": ("training", "clip_value"),
+    "--gp-lambda": ("training", "gp_lambda"), "--gp-every": ("training", "gp_every"),
+    "--clip-value": ("training", "clip_value"),
     "--augment": ("training", "augment"), "--augment-p": ("training", "augment_p"),
     "--ema-images": ("training", "ema_images"), "--ema-rampup": ("training", "ema_rampup"),
     "--upsample": ("training", "upsample"),
@@ -204,6 +206,7 @@ def validate(options: Options) -> None:
     at_least(("training", "seed"), t.seed, 0)
     at_least(("training", "n_critic"), t.n_critic, 1)
     at_least(("training", "gp_lambda"), float(t.gp_lambda), 0.0, float)
+    at_least(("training", "gp_every"), t.gp_every, 1)
     checks.append((("training", "clip_value"), t.clip_value > 0, "> 0"))
     checks.append((("training", "augment_p"), isinstance(t.augment_p, (int, float)) and not isinstance(t.augment_p, bool)
                    and 0 < t.augment_p <= 1, "a number in (0, 1]"))

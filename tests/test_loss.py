@@ -43,3 +43,22 @@ def test_a_batch_norm_critic_keeps_separate_forwards() -> None:
     assert not _phases("tiny-faithful", None, []).concatenate, "batch norm would mix real and fake"
     with pytest.raises(ValueError, match="batch norm or minibatch std"):
         _phases("tiny-faithful", True, [])
+
+
+def test_a_lazy_penalty_falls_on_every_nth_critic_step_of_the_run_weighted_n_times() -> None:
+    """``--gp-every 3``: the penalty on critic steps 0, 3, 6, ... of the run (a resumed run goes on counting from
+    its step), as lambda x 3; the steps between carry only the Wasserstein loss."""
+    real = torch.rand(4, 1, 64, 64) * 2 - 1
+    grads: list = []
+    lazy = _phases("tiny", None, grads)
+    lazy.gp_every = 3
+    lazy.critic_steps = 6  # as Trainer.load sets it: step x n_critic
+    torch.manual_seed(1)
+    figures = [lazy.critic_step(real) for _ in range(4)]
+    assert [bool(penalty > 0) for _, _, penalty in figures] == [True, False, False, True]
+    for loss, wasserstein, penalty in figures:
+        assert torch.allclose(loss, -wasserstein + 3 * lazy.gp_lambda * penalty, rtol=1e-12, atol=1e-12)
+    eager = _phases("tiny", None, [])
+    torch.manual_seed(1)
+    every = eager.critic_step(real)
+    assert torch.allclose(every[2], figures[0][2], rtol=1e-12), "the lazy step's penalty is the penalty"

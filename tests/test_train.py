@@ -204,6 +204,7 @@ def test_bad_input_is_refused_before_any_work(store: Path, store_factory, tmp_pa
     _refused(capsys, ["--store", str(store), *common, "--deepspeed-config", str(tmp_path)], "is a directory")
     _refused(capsys, ["--store", str(store), *common, "--n-critic", "0"], "--n-critic (training.n_critic)")
     _refused(capsys, ["--store", str(store), *common, "--log-every", "0"], "--log-every (checkpoint.log_every) must be")
+    _refused(capsys, ["--store", str(store), *common, "--gp-every", "0"], "--gp-every (training.gp_every) must be")
     _refused(capsys, ["--out", str(out), "--resume"], "not a training run")
     assert not out.exists(), "nothing may be written for a refused run"
     finished = tmp_path / "finished"  # one rank, one step: the cheapest run with a complete checkpoint
@@ -437,7 +438,8 @@ def test_a_start_sweeps_deepspeed_buffers_that_no_process_maps(tmp_path: Path) -
 def test_a_bf16_run_resumes_exactly(store: Path, tmp_path: Path) -> None:
     """bf16 trains through DeepSpeed's bf16 optimizer (ZeRO 1, issue 18), whose checkpoint holds its flat
     buffers' ``fragment_address`` tuples: the weights-only loader takes them, and the resumed run's losses are
-    those of the run that never stopped."""
+    those of the run that never stopped. With a lazy penalty (``--gp-every 3``) the resumed step 3 is, as in the
+    whole run, one without it: the schedule counts the run's critic steps, not the process's."""
     config = json.loads((REPO / "deepspeed_configs" / "paper_bf16.json").read_text())
     config["train_micro_batch_size_per_gpu"] = 4
     (tmp_path / "bf16.json").write_text(json.dumps(config))
@@ -446,7 +448,7 @@ def test_a_bf16_run_resumes_exactly(store: Path, tmp_path: Path) -> None:
     def train(run: Path, steps: int, *more: str) -> None:
         run_cli("train", "--store", store, "--out", run, "--preset", "tiny", "--steps", str(steps),
                 "--deepspeed-config", tmp_path / "bf16.json", "--checkpoint-every", "2", "--sample-every", "0",
-                "--swd-images", "0", *more, env=env, ok=True)
+                "--swd-images", "0", "--gp-every", "3", *more, env=env, ok=True)
 
     train(tmp_path / "whole", 3)
     train(tmp_path / "resumed", 2)
@@ -454,6 +456,7 @@ def test_a_bf16_run_resumes_exactly(store: Path, tmp_path: Path) -> None:
     losses = ("critic_loss", "generator_loss", "wasserstein", "gradient_penalty")
     whole, resumed = ([[row[k] for k in losses] for row in metric_rows(tmp_path / run)] for run in ("whole", "resumed"))
     assert len(whole) == 3 and resumed == whole
+    assert [float(row[3]) > 0 for row in whole] == [True, False, False], "the penalty on critic step 0 of 3"
 
 
 def test_resume_skips_a_cut_short_newest_checkpoint_and_still_matches(store: Path, uninterrupted: Path,

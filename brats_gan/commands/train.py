@@ -78,6 +78,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     loss.add_argument("--loss", choices=LOSSES, help=f"default {t.loss}")
     loss.add_argument("--n-critic", type=int, help="critic steps per generator step (default: the recipe's)")
     loss.add_argument("--gp-lambda", type=float, help="gradient-penalty weight (default: the recipe's)")
+    loss.add_argument("--gp-every", type=int,
+                      help="lazy regularisation: the gradient penalty on every N-th critic step only, weighted N "
+                           "times (StyleGAN2); its double backward is most of a step's work (default: the recipe's, 1)")
     loss.add_argument("--clip-value", type=float, help=f"wgan-clip weight bound (default {t.clip_value})")
     loss.add_argument("--augment", metavar="POLICIES",
                       help="DiffAugment of the critic's real and fake inputs: comma-separated "

@@ -164,7 +164,7 @@ def engine_loss(generator: Any, critic: Any, config: TrainingConfig, device: str
     return WGANLoss(critic=critic, critic_module=critic.module, generator=generator, generator_module=generator.module,
                     update_critic=update(critic), update_generator=update(generator), latent_dim=model.latent_dim,
                     channels=model.channels, device=device, dtype=next(generator.module.parameters()).dtype,
-                    loss=config.loss, gp_lambda=config.gp_lambda, clip_value=config.clip_value,
+                    loss=config.loss, gp_lambda=config.gp_lambda, gp_every=config.gp_every, clip_value=config.clip_value,
                     augment_policies=config.augment, augment_p=config.augment_p)
 
 
@@ -427,6 +427,7 @@ class Trainer:
                             "starts from its weights", step)
                 self.ema.load_state_dict(self.generator.module.state_dict())
         self.step = int(state["step"])
+        self.phases.critic_steps = self.step * self.t.n_critic
         self.position = Position(int(state["epoch"]), int(state["batch"]))
         set_rng_state(torch.load(folder / f"rng_rank{self.env.rank}.pt", weights_only=True))
         self._barrier()
