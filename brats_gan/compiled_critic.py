@@ -47,6 +47,19 @@ def unsupported(critic: torch.nn.Module, dtype: torch.dtype) -> str | None:
     return None
 
 
+class _Unhooked(torch.nn.Module):
+    """``module.forward`` without the hooks on ``module`` itself. DeepSpeed's engine hooks every call of its
+    module (its timers: from the third step its throughput timer reads ``time.time``), which under
+    ``torch.compile`` broke the graph there and recompiled it. Submodules keep their hooks."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module.forward(x)
+
+
 class FunctionalCriticStep:
     """``step(real, fake)`` -> (figures, gradients): one WGAN-GP critic step of ``critic`` without touching
     its ``.grad``; ``gradients`` in the order of ``critic.parameters()``.
@@ -62,7 +75,8 @@ class FunctionalCriticStep:
         if reason:
             raise ValueError(f"functional critic step: {reason}")
         self.critic, self.gp_lambda, self.concatenate = critic, float(gp_lambda), concatenate
-        self.names = [name for name, _ in critic.named_parameters()]
+        self.unhooked = _Unhooked(critic)
+        self.names = [name for name, _ in self.unhooked.named_parameters()]
         self.compiled = compile
         self._step: Callable[..., Any] = torch.compile(self._grads, dynamic=False) if compile else self._grads
         self._calls = 0
@@ -72,7 +86,7 @@ class FunctionalCriticStep:
         state = {**params, **buffers}
 
         def critic(x: torch.Tensor) -> torch.Tensor:
-            return functional_call(self.critic, state, (x,))
+            return functional_call(self.unhooked, state, (x,))
 
         if self.concatenate:
             real_score, fake_score = (part.mean() for part in critic(torch.cat([real, fake])).float().split(len(real)))
@@ -90,8 +104,8 @@ class FunctionalCriticStep:
         return grad(self._loss, has_aux=True)(params, buffers, real, fake)
 
     def __call__(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[Figures, list[torch.Tensor]]:
-        params = {name: p.detach() for name, p in self.critic.named_parameters()}
-        buffers = dict(self.critic.named_buffers())
+        params = {name: p.detach() for name, p in self.unhooked.named_parameters()}
+        buffers = dict(self.unhooked.named_buffers())
         start = time.perf_counter() if self.compiled and self._calls == 0 else None
         grads, figures = self._step(params, buffers, real, fake)
         self._calls += 1
