@@ -82,7 +82,7 @@ class FunctionalCriticStep:
         self._calls = 0
 
     def _loss(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], real: torch.Tensor,
-              fake: torch.Tensor) -> tuple[torch.Tensor, Figures]:
+              fake: torch.Tensor, eps: torch.Tensor | None) -> tuple[torch.Tensor, Figures]:
         state = {**params, **buffers}
 
         def critic(x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,8 @@ class FunctionalCriticStep:
             real_score, fake_score = (part.mean() for part in critic(torch.cat([real, fake])).float().split(len(real)))
         else:
             real_score, fake_score = critic(real).float().mean(), critic(fake).float().mean()
-        eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
+        if eps is None:
+            eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
         x_hat = eps * real + (1 - eps) * fake
         input_grad = grad(lambda x: critic(x).float().sum())(x_hat)
         penalty = ((input_grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()
@@ -100,14 +101,17 @@ class FunctionalCriticStep:
         return loss, torch.stack([loss, real_score - fake_score, penalty]).detach()
 
     def _grads(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], real: torch.Tensor,
-               fake: torch.Tensor) -> tuple[dict[str, torch.Tensor], Figures]:
-        return grad(self._loss, has_aux=True)(params, buffers, real, fake)
+               fake: torch.Tensor, eps: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], Figures]:
+        return grad(self._loss, has_aux=True)(params, buffers, real, fake, eps)
 
-    def __call__(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[Figures, list[torch.Tensor]]:
+    def __call__(self, real: torch.Tensor, fake: torch.Tensor,
+                 eps: torch.Tensor | None = None) -> tuple[Figures, list[torch.Tensor]]:
+        """``eps``: the interpolation weights, shape (B, 1, 1, 1); by default drawn where the eager step draws
+        them, after the scores' forward (compiled: by inductor's generator)."""
         params = {name: p.detach() for name, p in self.unhooked.named_parameters()}
         buffers = dict(self.unhooked.named_buffers())
         start = time.perf_counter() if self.compiled and self._calls == 0 else None
-        grads, figures = self._step(params, buffers, real, fake)
+        grads, figures = self._step(params, buffers, real, fake, eps)
         self._calls += 1
         if start is not None:
             log.info("compiled the critic step in %.1f s", time.perf_counter() - start)
