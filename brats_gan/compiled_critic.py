@@ -49,8 +49,8 @@ def unsupported(critic: torch.nn.Module, dtype: torch.dtype) -> str | None:
 
 class _Unhooked(torch.nn.Module):
     """``module.forward`` without the hooks on ``module`` itself. DeepSpeed's engine hooks every call of its
-    module (its timers: from the third step its throughput timer reads ``time.time``), which under
-    ``torch.compile`` broke the graph there and recompiled it. Submodules keep their hooks."""
+    module for its timers: host work that dynamo cannot trace (a compiled run warned of ``time.time``, the
+    throughput timer's, after its first steps), and nothing the critic step needs. Submodules keep theirs."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         super().__init__()
