@@ -67,6 +67,17 @@ on CUDA, NCCL: one operator either way), and a tensor created from Python data o
 (``lift_fresh``, a view). Counts do not depend on timing or on the data: DiffAugment and instance
 noise draw the same operators whatever their random values, and every side starts from a fixed seed.
 
+``--compile`` counts the critic step of ``--compile`` (``brats_gan.compiled_critic``: forwards, penalty and
+both backwards as one function of the critic's weights) on every side, ``torch.compile``'d (``inductor``, the
+default) or not (``eager``: torch's ``TORCHDYNAMO_DISABLE``). Eager, the counter sees its operators as any
+others (phase ``functional``). Compiled, a ``TorchDispatchMode`` would not see inside inductor's kernels, and
+an active one makes the compiled function run uncompiled; so the compiled call runs with the counter's mode
+suspended, and what counts is what the compiled graph's generated wrapper (its ``call``) calls, traced with
+``sys.setprofile``: each inductor kernel (C++ on a CPU, Triton on CUDA), each extern kernel (convolutions,
+matrix products) and each aten operator it falls back to is one launch; its allocations
+(``empty_strided``), views (``reinterpret_tensor``) and checks (``assert_size_stride``, ...) are not
+(:data:`WRAPPER_NO_LAUNCH`). The compile happens in the warm-up iteration. ``--record`` refuses ``--compile``.
+
 ``--record`` writes the results into ``benchmarks/dispatch_counts.json`` (merged by preset, dtype and
 side, with the commit measured), the figures ``benchmarks/README.md`` reports and ``tests/test_dispatch.py``
 checks; ``--markdown`` prints them as that README's table rows.
@@ -156,7 +167,8 @@ READ_METHODS = {"item": "item", "tolist": "tolist", "__bool__": "bool", "__float
                 "__index__": "index", "cpu": "cpu", "numpy": "numpy"}
 
 # Phases of an iteration, in the order they run (see _instrument for what each wraps).
-PHASES = ("fakes", "augment", "critic_forward", "penalty", "backward", "optimiser", "generator", "ema", "readout")
+PHASES = ("fakes", "augment", "critic_forward", "penalty", "functional", "backward", "optimiser", "generator", "ema",
+          "readout")
 PHASE_HELP = {
     "fakes": "noise and the generator's no-grad forward that make a critic step's fakes",
     "augment": "DiffAugment of the critic's inputs (its backward is in the backward that differentiates it)",
@@ -164,6 +176,8 @@ PHASE_HELP = {
                       "micro-batch's copy to the model and the critic loss around them",
     "penalty": "the gradient penalty: interpolates, the critic's forward on them, autograd.grad with "
                "create_graph, the norm",
+    "functional": "--compile's critic step: forwards, penalty and both backwards in one function (compiled: the "
+                  "kernels its generated wrapper calls)",
     "backward": "the critic loss's backward (through the penalty's double backward) and DeepSpeed's gradient "
                 "all-reduce",
     "optimiser": "the critic's optimiser step: Adam, and DeepSpeed's or the baseline's work around it",
@@ -254,6 +268,48 @@ class OpCounter(TorchDispatchMode):
                 "phases": {p: self.launching[p] for p in PHASES}}
 
 
+# What a compiled graph's generated wrapper calls that launches nothing: allocations, views, checks, streams.
+WRAPPER_NO_LAUNCH = ("empty_strided", "reinterpret_tensor", "assert_size_stride", "assert_alignment", "list.clear",
+                     "get_raw_stream", "DeviceGuard", "device_guard", "_cuda_getCurrentRawStream")
+
+
+def _inductor_wrapper(code: Any) -> bool:
+    return code.co_name == "call" and "inductor" in code.co_filename
+
+
+@contextlib.contextmanager
+def counting_compiled(counter: OpCounter) -> Iterator[None]:
+    """Inside: no dispatch mode (the compiled code runs compiled), and each call the generated wrapper of a
+    compiled graph makes is counted as a launch of ``counter``'s current phase, unless it is one of
+    :data:`WRAPPER_NO_LAUNCH` (see the module docstring)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    def name(frame: Any, event: str, arg: Any) -> str | None:
+        if event == "c_call" and _inductor_wrapper(frame.f_code):
+            return getattr(arg, "__qualname__", None) or getattr(arg, "__name__", "?")
+        if event == "call" and frame.f_back is not None and _inductor_wrapper(frame.f_back.f_code):
+            target = frame.f_locals.get("self")
+            op = getattr(target, "_name", None) or getattr(target, "__name__", None)
+            return f"{frame.f_code.co_qualname} {op}" if op else frame.f_code.co_qualname
+        return None
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        called = name(frame, event, arg)
+        if called is None or any(part in called for part in WRAPPER_NO_LAUNCH):
+            return
+        counter.ops += 1
+        counter.launching[counter.current] += 1
+        counter.by_op[f"inductor: {called}"] += 1
+
+    with _disable_current_modes():
+        previous = sys.getprofile()
+        sys.setprofile(profile)
+        try:
+            yield
+        finally:
+            sys.setprofile(previous)
+
+
 def _indexes_by_mask(name: str, args: tuple) -> bool:
     """``x[mask]`` (``index``/``index_put_`` with a boolean index): the kernel finds the mask's true places first."""
     if name not in ("aten::index", "aten::index_put_", "aten::_index_put_impl_") or len(args) < 2:
@@ -326,6 +382,17 @@ def _instrument(counter: OpCounter, phases: WGANLoss, critic_engine: Any = None,
                         ("gradient_penalty", "penalty"), ("update_critic", "optimiser"),
                         ("generator_step", "generator")):
         wrap(phases, name, phase)
+    step = getattr(phases, "functional_step", None)
+    if step is not None:
+        wrap(step, "_step", "functional")
+        if step.compiled and not torch._dynamo.config.disable:
+            counted = step._step
+
+            def compiled(*args: Any, **kwargs: Any) -> Any:
+                with counting_compiled(counter):
+                    return counted(*args, **kwargs)
+
+            step._step = compiled
     if critic_engine is not None:
         wrap(critic_engine, "backward", "backward")
     if ema is not None:
@@ -408,6 +475,8 @@ def build_trainer(args: argparse.Namespace, dtype_name: str, device: str, work: 
         given[("training", "recipe")] = args.recipe
     if args.n_critic is not None:
         given[("training", "n_critic")] = args.n_critic
+    if args.compile is not None:
+        given[("training", "compile")] = True
     options = build_options(given, work / "run", resume=False, world_size=1)
     t = options.training
     stream = SliceStream(options.data.store, batch_size=t.micro_batch, image_size=t.model.image_size, seed=t.seed,
@@ -438,10 +507,12 @@ def count_side(args: argparse.Namespace, side: str, dtype_name: str, device: str
             step: Callable[[], Any] = lambda: owner.train_step(batches)  # noqa: E731
         else:
             if side == "deepspeed":
-                owner = DeepSpeedSide(args.preset, config, device, n_critic, args.batch_size, args.seed)
+                owner = DeepSpeedSide(args.preset, config, device, n_critic, args.batch_size, args.seed,
+                                      compile=args.compile is not None)
             else:
                 owner = TorchLoop(args.preset, config["optimizer"]["params"], device, DTYPES[dtype_name], n_critic,
-                                  TrainingConfig(preset=args.preset).gp_lambda, args.batch_size, args.seed)
+                                  TrainingConfig(preset=args.preset).gp_lambda, args.batch_size, args.seed,
+                                  compile=args.compile is not None)
             data = make_batches(args, get_config(args.preset).image_size, owner.phases.channels, device, 2 * n_critic)
             batches = cycle(data)
             step = lambda: owner.train_step(batches)  # noqa: E731
@@ -465,6 +536,8 @@ def count_side(args: argparse.Namespace, side: str, dtype_name: str, device: str
                         "host_reads": {w: dict(sorted(c.items())) for w, c in reading.reads.items()}}
         wrapper = type(engines.critic.optimizer).__name__ if engines else "Adam"
         result = {"preset": args.preset, "dtype": dtype_name, "side": side, "n_critic": n_critic,
+                  "critic_step": {None: "autograd", "eager": "functional, eager"}.get(args.compile,
+                                                                                   "functional, compiled"),
                   "batch_size": args.batch_size, "augment": list(owner.phases.augment_policies),
                   "optimizer": f"{wrapper} ({args.optimizer})" if wrapper == "Adam"
                   else f"{wrapper} over Adam ({args.optimizer})",
@@ -524,8 +597,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
                      f"{reads_text(r['host_reads']['device'])} | {reads_text(r['host_reads']['host'])} |")
     lines += ["", f"{head} " + " | ".join(PHASES) + " |", "| --- " * (5 + len(PHASES)) + "|"]
     for r in results:
-        share = [f"{r['phases'][p]:,} ({r['phases'][p] / max(r['launching_ops'], 1):.0%})" if r["phases"][p] else "-"
-                 for p in PHASES]
+        share = [f"{r['phases'][p]:,} ({r['phases'][p] / max(r['launching_ops'], 1):.0%})"
+                 if r["phases"].get(p) else "-" for p in PHASES]
         lines.append(f"{lead(r)} " + " | ".join(share) + " |")
     return "\n".join(lines)
 
@@ -534,7 +607,8 @@ def table(results: list[dict[str, Any]]) -> str:
     lines = []
     for r in results:
         launching = r["launching_ops"]
-        lines.append(f"{r['preset']} {r['dtype']} {r['side']} (n_critic {r['n_critic']}, micro-batch "
+        lines.append(f"{r['preset']} {r['dtype']} {r['side']} ({r.get('critic_step', 'autograd')} critic step, "
+                     f"n_critic {r['n_critic']}, micro-batch "
                      f"{r['batch_size']}, augment {','.join(r['augment']) or 'none'}, {r['optimizer']}): "
                      f"{r['ops']:,} ops, {launching:,} launching, {r['host_ops']:,} on the host")
         lines.append(f"    reads of device tensors (synchronisations): {reads_text(r['host_reads']['device'])}; "
@@ -558,6 +632,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.batch_size is None:
         args.batch_size = int(load_deepspeed_config(None, args.preset, 1)["train_micro_batch_size_per_gpu"])
     args.store = None  # make_batches: random micro-batches
+    if args.compile == "eager":
+        torch._dynamo.config.disable = True  # what TORCHDYNAMO_DISABLE=1 sets: compiled functions run as written
     try:
         return [count_side(args, side, dtype, device) for dtype in args.dtype for side in args.side]
     finally:
@@ -579,6 +655,8 @@ def main() -> None:
                         help="the trainer side's recipe (default: the preset's)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="foreach",
                         help="the torch Adam implementation counted (foreach: what a CUDA run gets)")
+    parser.add_argument("--compile", nargs="?", const="inductor", choices=["inductor", "eager"], default=None,
+                        help="count the trainer's --compile critic step, torch.compile'd (inductor) or not (eager)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top", type=int, default=0, help="also list the N most frequent launching operators")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (counts do not depend on it)")
@@ -594,6 +672,8 @@ def main() -> None:
         parser.error(f"--n-critic must be at least 1, got {args.n_critic}")
     if args.batch_size is not None and args.batch_size < 2:
         parser.error(f"--batch-size must be at least 2 (batch norm needs two samples), got {args.batch_size}")
+    if args.record and args.compile:
+        parser.error("--record keeps the default critic step's counts; --compile's are not recorded")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.from_record:

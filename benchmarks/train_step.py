@@ -31,6 +31,11 @@ peak: the peak comes from ``--peak-tflops`` or, on CUDA, from a table keyed by d
 bf16; fp32 with TF32 off, which this script enforces for fp32 unless ``--tf32``). On CUDA the
 default is both dtypes, fp32 then bf16.
 
+``--compile`` runs both sides' critic steps as the functional step of ``brats_gan.compiled_critic`` (the
+trainer's ``--compile``), ``torch.compile``'d; ``--compile eager`` runs that functional step without compiling
+(torch's ``TORCHDYNAMO_DISABLE``). The first critic step of each side then includes its compile, reported as
+``compile_s``; the timed iterations come after it. Compiled, instance noise is drawn by inductor's generator.
+
 Runs as one process: ``distributed.init_distributed`` makes it rank 0 of 1 (gloo on CPU, NCCL on CUDA) and
 sets the CPU threads to this process's cores unless OMP_NUM_THREADS is set; ``--threads`` overrides.
 """
@@ -84,8 +89,9 @@ class DeepSpeedSide:
     augmentation as the baseline: WGAN-GP, no DiffAugment (as the tiny presets' recipe; `paper`'s augments)."""
 
     def __init__(self, preset: str, config: dict[str, Any], device: str, n_critic: int, batch_size: int,
-                 seed: int) -> None:
-        self.training = TrainingConfig(preset=preset, n_critic=n_critic, seed=seed, augment=(), deepspeed=config)
+                 seed: int, compile: bool = False) -> None:
+        self.training = TrainingConfig(preset=preset, n_critic=n_critic, seed=seed, augment=(), deepspeed=config,
+                                       compile=compile)
         torch.manual_seed(seed)
         generator, critic = build_models(self.training.model)
         run_dir = Path(tempfile.gettempdir())
@@ -106,7 +112,7 @@ class TorchLoop:
     the networks the DeepSpeed side trains (the preset's, with its recipe's model fields)."""
 
     def __init__(self, preset: str, adam: dict[str, Any], device: str, dtype: torch.dtype, n_critic: int,
-                 gp_lambda: float, batch_size: int, seed: int) -> None:
+                 gp_lambda: float, batch_size: int, seed: int, compile: bool = False) -> None:
         self.config = model_config(preset)
         self.dtype = dtype
         self.n_critic, self.batch_size = n_critic, batch_size
@@ -122,7 +128,7 @@ class TorchLoop:
             update_critic=lambda loss: self._update(loss, self.critic, c_master, c_opt),
             update_generator=lambda loss: self._update(loss, self.generator, g_master, g_opt),
             latent_dim=self.config.latent_dim, channels=self.config.channels, device=device, dtype=dtype,
-            gp_lambda=gp_lambda)
+            gp_lambda=gp_lambda, functional="compiled" if compile else "off")
 
     def _optimizer(self, module: torch.nn.Module, adam: dict[str, Any]) -> tuple[list[torch.Tensor], torch.optim.Adam]:
         params = list(module.parameters())
@@ -252,15 +258,21 @@ def measure(args: argparse.Namespace, dtype_name: str, device: str) -> dict[str,
     adam = config["optimizer"]["params"]
     model = get_config(args.preset)
 
-    ds = DeepSpeedSide(args.preset, config, device, args.n_critic, args.batch_size, args.seed)
+    compile = args.compile is not None
+    ds = DeepSpeedSide(args.preset, config, device, args.n_critic, args.batch_size, args.seed, compile)
     gp_lambda = ds.training.gp_lambda
-    loop = TorchLoop(args.preset, adam, device, dtype, args.n_critic, gp_lambda, args.batch_size, args.seed)
+    loop = TorchLoop(args.preset, adam, device, dtype, args.n_critic, gp_lambda, args.batch_size, args.seed, compile)
     data = make_batches(args, model.image_size, model.channels, device, 2 * args.n_critic)
     ds_batches, torch_batches = cycle(data), cycle(data)
+    compile_s = {}
     torch.manual_seed(args.seed + 1)
+    start = time.perf_counter()
     ds_critic = ds.phases.critic_step(data[0])
+    compile_s["deepspeed"] = time.perf_counter() - start
     torch.manual_seed(args.seed + 1)
+    start = time.perf_counter()
     torch_critic = loop.phases.critic_step(data[0])
+    compile_s["torch"] = time.perf_counter() - start
     step_difference = max(abs(a.item() - b.item()) for a, b in zip(ds_critic, torch_critic))
     torch.manual_seed(args.seed + 2)
     ds_values = ds.train_step(ds_batches)
@@ -278,6 +290,8 @@ def measure(args: argparse.Namespace, dtype_name: str, device: str) -> dict[str,
     result: dict[str, Any] = {
         "dtype": dtype_name,
         "deepspeed_optimizer": type(ds.critic.optimizer).__name__,
+        "critic_step": {None: "autograd", "eager": "functional, eager"}.get(args.compile, "functional, compiled"),
+        "first_critic_step_s": {side: round(s, 2) for side, s in compile_s.items()},
         "first_critic_step_max_loss_difference": step_difference,
         "next_iteration_max_loss_difference": iteration_difference,
         "deepspeed_step_s": round(ds_s, 5),
@@ -324,6 +338,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = init_distributed(env)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.compile == "eager":
+        torch._dynamo.config.disable = True  # what TORCHDYNAMO_DISABLE=1 sets: compiled functions run as written
     cuda = device.startswith("cuda")
     if cuda:
         set_fp32_precision(args.tf32)
@@ -350,6 +366,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "warmup": args.warmup,
         "data": args.store or "random",
+        "compile": args.compile,
         "torch": torch.__version__,
         "load_avg_start": [round(x, 2) for x in load_start],
         "load_avg_end": [round(x, 2) for x in os.getloadavg()],
@@ -379,6 +396,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (overrides the table)")
     parser.add_argument("--tf32", action="store_true", help="CUDA fp32: allow TF32 (peak: the TF32 column)")
+    parser.add_argument("--compile", nargs="?", const="inductor", choices=["inductor", "eager"], default=None,
+                        help="both sides' critic steps as the functional step (the trainer's --compile), "
+                             "torch.compile'd (inductor) or not (eager)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()
     with stdout_to_stderr(args.json):
@@ -391,6 +411,9 @@ def main() -> None:
           f"{summary['threads']} thread(s), {args.steps} timed + {args.warmup} warm-up iterations per side, "
           f"load average {summary['load_avg_start'][0]:.2f} -> {summary['load_avg_end'][0]:.2f}")
     for r in results:
+        print(f"[{r['dtype']}] critic step: {r['critic_step']}; the first one (with its compile) took "
+              f"{r['first_critic_step_s']['deepspeed']:.2f} s (deepspeed), {r['first_critic_step_s']['torch']:.2f} s "
+              "(torch)")
         print(f"[{r['dtype']}] deepspeed ({r['deepspeed_optimizer']}): {r['deepspeed_step_s']:.4f} s/iteration "
               f"({r['deepspeed_images_per_s']:.1f} images/s)")
         print(f"[{r['dtype']}] torch                : {r['torch_step_s']:.4f} s/iteration "

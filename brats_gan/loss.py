@@ -30,6 +30,10 @@ concatenation would change the statistics: it keeps a forward for each.
 
 In fp16 the penalty's pass runs in fp32 on casts of the critic's weights (:func:`float32_call`), where its
 input gradient cannot overflow; fp32 and bf16 run every phase in the networks' own precision.
+
+``functional`` (``--compile``) runs the WGAN-GP critic step as one function of the critic's weights
+(:mod:`brats_gan.compiled_critic`), ``"compiled"`` through ``torch.compile``, ``"eager"`` without; its
+gradients reach ``update_critic`` as the backward of the loss it hands over (``compiled_critic.hand_over``).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from typing import Any
 import torch
 
 from brats_gan.augment import diff_augment
+from brats_gan.compiled_critic import FunctionalCriticStep, hand_over
 from brats_gan.data import to_model
 from brats_gan.models import MinibatchStd
 
@@ -112,6 +117,7 @@ class WGANLoss:
     augment_policies: Sequence[str] = ()
     augment_p: float = 1.0
     concatenate: bool | None = None  # one critic forward for real and fake; None: where it is exact
+    functional: str = "off"  # the critic step as one function of its weights: "off", "eager" or "compiled"
 
     def __post_init__(self) -> None:
         self.critic_steps = 0  # critic updates so far, over the whole run: which ones the lazy penalty falls on
@@ -119,6 +125,14 @@ class WGANLoss:
             self.concatenate = per_sample(self.critic_module)
         if self.concatenate and not per_sample(self.critic_module):
             raise ValueError("concatenate: the critic mixes the images of a batch (batch norm or minibatch std)")
+        if self.functional not in ("off", "eager", "compiled"):
+            raise ValueError(f"functional must be 'off', 'eager' or 'compiled', got {self.functional!r}")
+        if self.functional != "off" and self.loss != "wgan-gp":
+            raise ValueError(f"functional: the functional critic step is WGAN-GP's, not {self.loss}'s")
+        if self.functional != "off" and self.gp_every != 1:
+            raise ValueError("functional: the functional critic step carries the penalty on every step (gp_every 1)")
+        self.functional_step = (None if self.functional == "off" else FunctionalCriticStep(
+            self.critic_module, self.gp_lambda, self.concatenate, compile=self.functional == "compiled"))
 
     def noise(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.latent_dim, device=self.device, dtype=self.dtype)
@@ -132,6 +146,8 @@ class WGANLoss:
         real = to_model(real, self.device, self.dtype, self.channels)
         with torch.no_grad():
             fake = self.generator_module(self.noise(real.shape[0]))
+        if self.functional_step is not None:
+            return self.functional_critic_step(real, fake)
         if self.concatenate:
             both = self.augment(torch.cat([real, fake]))  # DiffAugment draws per image: one call serves
             real, fake = both.split(len(real))
@@ -152,6 +168,19 @@ class WGANLoss:
                 for p in self.critic_module.parameters():
                     p.clamp_(-self.clip_value, self.clip_value)
         return loss.detach(), (real_score - fake_score).detach(), penalty.detach()
+
+    def functional_critic_step(self, real: torch.Tensor,
+                               fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`critic_step` by :class:`FunctionalCriticStep`, from its DiffAugment on."""
+        if self.concatenate:
+            real, fake = self.augment(torch.cat([real, fake])).split(len(real))
+        else:
+            real, fake = self.augment(real), self.augment(fake)
+        figures, grads = self.functional_step(real, fake)
+        self.critic_steps += 1
+        self.update_critic(hand_over(figures[0], grads, list(self.critic_module.parameters())))
+        loss, wasserstein, penalty = figures.unbind()
+        return loss, wasserstein, penalty
 
     def gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """``E[(|grad_x D(x_hat)| - 1)^2]`` at random interpolates, differentiable (double backward).

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from brats_gan import schema
 from brats_gan.augment import parse_policy
 from brats_gan.checkpoints import (
@@ -29,9 +31,10 @@ from brats_gan.checkpoints import (
     unwritable,
     usable_checkpoint,
 )
+from brats_gan.compiled_critic import unsupported
 from brats_gan.data import DEFAULT_RUN_LENGTH, DEFAULT_WINDOW_BATCHES
 from brats_gan.errors import UserError
-from brats_gan.models import ModelConfig, get_config
+from brats_gan.models import Critic, ModelConfig, get_config
 from brats_gan.recipes import get_recipe, model_config, preset_family, preset_recipe
 
 log = logging.getLogger(__name__)
@@ -111,6 +114,7 @@ class TrainingConfig:
     resize_mode: str | None = None  # None: the preset's
     critic_mbstd_group: int | None = None  # None: the preset's and recipe's
     generator_dropout: float | None = None  # None: the preset's and recipe's
+    compile: bool = False  # the critic step as one torch.compile'd function (brats_gan.compiled_critic)
     deepspeed_config: str | None = None
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
@@ -164,7 +168,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--ema-images": ("training", "ema_images"), "--ema-rampup": ("training", "ema_rampup"),
     "--upsample": ("training", "upsample"),
     "--resize-mode": ("training", "resize_mode"), "--critic-mbstd": ("training", "critic_mbstd_group"),
-    "--generator-dropout": ("training", "generator_dropout"),
+    "--generator-dropout": ("training", "generator_dropout"), "--compile": ("training", "compile"),
     "--deepspeed-config": ("training", "deepspeed_config"),
     "--out": ("checkpoint", "out"), "--checkpoint-every": ("checkpoint", "every"),
     "--keep-checkpoints": ("checkpoint", "keep"), "--sample-every": ("checkpoint", "sample_every"),
@@ -178,7 +182,7 @@ MODEL_CHOICES = {("training", "upsample"), ("training", "resize_mode"), ("traini
 RESUMABLE_CHANGES = {("training", "steps"), ("checkpoint", "every"), ("checkpoint", "keep"),
                      ("checkpoint", "sample_every"), ("checkpoint", "samples"), ("data", "num_workers"),
                      ("checkpoint", "swd_images"), ("checkpoint", "on_signal"), ("data", "verify"), ("checkpoint", "log_every"),
-                     ("data", "store"), ("data", "cache")}
+                     ("data", "store"), ("data", "cache"), ("training", "compile")}
 
 
 def _flag(key: tuple[str, str]) -> str:
@@ -243,6 +247,22 @@ def validate(options: Options) -> None:
     if t.loss == "wgan-clip" and (ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")):
         raise ConfigError("--loss wgan-clip clips the fp32 weights the optimizer owns only in fp32; "
                           "use a config without bf16/fp16 or --loss wgan-gp")
+    if t.compile:
+        _check_compile(t)
+
+
+def _check_compile(t: TrainingConfig) -> None:
+    """Refuse ``--compile`` where the functional critic step (``brats_gan.compiled_critic``) does not apply."""
+    if t.loss != "wgan-gp":
+        raise ConfigError(f"--compile (training.compile) compiles WGAN-GP's critic step; --loss {t.loss} has none")
+    if t.gp_every != 1:
+        raise ConfigError(f"--compile (training.compile) compiles the critic step with its penalty on every step; "
+                          f"--gp-every {t.gp_every} skips it on some: use one of the two")
+    with torch.device("meta"):
+        critic = Critic(t.model)
+    reason = unsupported(critic, torch.float16 if t.deepspeed.get("fp16", {}).get("enabled") else torch.float32)
+    if reason:
+        raise ConfigError(f"--compile (training.compile): {reason}; train without --compile")
 
 
 def _suggest(name: str, known: Sequence[str]) -> str:

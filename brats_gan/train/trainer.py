@@ -147,12 +147,29 @@ def seed_with_loss_scale(loss: torch.Tensor, engine: Any) -> None:
     loss.register_hook(lambda grad: torch.full_like(grad, scale))
 
 
+def as_engine_output(engine: Any, loss: torch.Tensor) -> None:
+    """Prepare ``loss``, computed without calling ``engine`` (the functional critic step's hand-over), for
+    ``engine.backward`` as ``engine.forward`` prepares its outputs (DeepSpeed 0.19): the optimizer's per-step
+    backward state reset, and the backward prologue hooked on the loss (bf16's optimizer clears its
+    low-precision gradients there)."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    from deepspeed.runtime.utils import register_output_backward_hooks
+
+    if isinstance(engine.optimizer, ZeROOptimizer):
+        engine.optimizer.clear_backward_seen_flag()
+    register_output_backward_hooks(loss, preprocess_once_fn=engine._backward_prologue,
+                                   preprocess_per_tensor_fn=engine._backward_prologue_per_tensor)
+
+
 def engine_loss(generator: Any, critic: Any, config: TrainingConfig, device: str) -> WGANLoss:
     """The WGAN phases (``brats_gan.loss``) on two DeepSpeed engines: each engine's own ``backward`` and
-    ``step`` update it (in fp16, from the loss scale: :func:`seed_with_loss_scale`)."""
+    ``step`` update it (in fp16, from the loss scale: :func:`seed_with_loss_scale`). With ``--compile`` the
+    critic's loss comes from the functional step, not from the engine (:func:`as_engine_output`)."""
 
-    def update(engine: Any) -> Callable[[torch.Tensor], None]:
+    def update(engine: Any, functional: bool = False) -> Callable[[torch.Tensor], None]:
         def apply(loss: torch.Tensor) -> None:
+            if functional:
+                as_engine_output(engine, loss)
             if engine.fp16_enabled():
                 seed_with_loss_scale(loss, engine)
             engine.backward(loss)
@@ -162,10 +179,12 @@ def engine_loss(generator: Any, critic: Any, config: TrainingConfig, device: str
 
     model = config.model
     return WGANLoss(critic=critic, critic_module=critic.module, generator=generator, generator_module=generator.module,
-                    update_critic=update(critic), update_generator=update(generator), latent_dim=model.latent_dim,
+                    update_critic=update(critic, config.compile), update_generator=update(generator),
+                    latent_dim=model.latent_dim,
                     channels=model.channels, device=device, dtype=next(generator.module.parameters()).dtype,
                     loss=config.loss, gp_lambda=config.gp_lambda, gp_every=config.gp_every, clip_value=config.clip_value,
-                    augment_policies=config.augment, augment_p=config.augment_p)
+                    augment_policies=config.augment, augment_p=config.augment_p,
+                    functional="compiled" if config.compile else "off")
 
 
 class Trainer:
