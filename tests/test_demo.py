@@ -54,3 +54,6 @@ def test_demo_runs_every_stage_and_replaces_only_its_own_folder(tmp_path):
     refused = run_cli("demo", "--out", other)
     assert refused.returncode == 2 and "not a demo folder" in refused.stderr
     assert (other / "keep.txt").read_text() == "mine"
+    bad = run_cli("demo", "--out", out, "--workers", "0")
+    assert bad.returncode == 2 and "--workers must be at least 1, got 0" in bad.stderr
+    assert open_store(out / "synthetic.zarr").attrs["complete"], "a refused demo leaves the last one's results"

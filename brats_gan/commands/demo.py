@@ -74,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.subjects < 1:
         raise UserError(f"--subjects must be at least 1, got {args.subjects}")
+    if args.workers is not None and args.workers < 1:  # before the old demo folder is replaced
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.slices < 1:
+        raise UserError(f"--slices must be at least 1, got {args.slices}")
     if args.heldout < 2:
         raise UserError(f"--heldout must be at least 2 (two real halves of whole subjects for the SWD floor), "
                         f"got {args.heldout}")
