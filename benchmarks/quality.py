@@ -70,10 +70,18 @@ VARIANTS: dict[str, list[str]] = {
     "paper-one-critic-noise-resize": ["--preset", "paper", "--recipe", "one-critic-noise-resize"],
 }
 # Variants that change Adam's parameters (one set for both networks): trained with a DeepSpeed config written
-# beside the runs, the tiny default's with these parameters changed.
-ADAM_VARIANTS: dict[str, dict] = {"one-critic-lr1e-4": {"lr": 0.0001}, "one-critic-lr4e-4": {"lr": 0.0004},
-                                  "one-critic-noise-lr1e-4": {"lr": 0.0001}, "one-critic-noise-lr4e-4": {"lr": 0.0004}}
-VARIANTS.update({name: ["--preset", "tiny", "--recipe", name.rsplit("-lr", 1)[0]] for name in ADAM_VARIANTS})
+# beside the runs, their recipe's with these parameters changed. name: (recipe, Adam parameters)
+ADAM_VARIANTS: dict[str, tuple[str, dict]] = {
+    "one-critic-lr1e-4": ("one-critic", {"lr": 0.0001}),
+    "one-critic-lr4e-4": ("one-critic", {"lr": 0.0004}),
+    "one-critic-noise-lr1e-4": ("one-critic-noise", {"lr": 0.0001}),
+    "one-critic-noise-lr4e-4": ("one-critic-noise", {"lr": 0.0004}),
+    # the poster's L2 weight decay (1e-3, coupled: Adam sees it as gradient) off
+    "one-critic-noise-resize-nodecay": ("one-critic-noise-resize", {"weight_decay": 0.0}),
+    # StyleGAN2-ADA's Adam (betas (0, 0.99), no decay) at the poster's lr
+    "one-critic-noise-resize-beta0": ("one-critic-noise-resize", {"betas": [0.0, 0.99], "weight_decay": 0.0}),
+}
+VARIANTS.update({name: ["--preset", "tiny", "--recipe", recipe] for name, (recipe, _) in ADAM_VARIANTS.items()})
 METRICS = ("swd", "swd_floor", "checkerboard", "checkerboard_real", "ms_ssim_fake", "ms_ssim_real",
            "memorisation_share")
 
@@ -111,8 +119,9 @@ def variant_flags(variant: str, root: Path) -> list[str]:
         return VARIANTS[variant]
     from brats_gan.train_config import default_deepspeed
 
-    config = default_deepspeed("tiny", VARIANTS[variant][VARIANTS[variant].index("--recipe") + 1])
-    config["optimizer"]["params"].update(ADAM_VARIANTS[variant])
+    recipe, adam = ADAM_VARIANTS[variant]
+    config = default_deepspeed("tiny", recipe)
+    config["optimizer"]["params"].update(adam)
     path = root / f"{variant}.deepspeed.json"
     path.write_text(json.dumps(config, indent=2))
     return [*VARIANTS[variant], "--deepspeed-config", str(path)]
