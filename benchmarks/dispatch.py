@@ -107,6 +107,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from train_step import (
+    AUTOCAST,
     DTYPES,
     Batches,
     DeepSpeedSide,
@@ -512,7 +513,7 @@ def count_side(args: argparse.Namespace, side: str, dtype_name: str, device: str
             else:
                 owner = TorchLoop(args.preset, config["optimizer"]["params"], device, DTYPES[dtype_name], n_critic,
                                   TrainingConfig(preset=args.preset).gp_lambda, args.batch_size, args.seed,
-                                  compile=args.compile is not None)
+                                  compile=args.compile is not None, autocast=AUTOCAST.get(dtype_name))
             data = make_batches(args, get_config(args.preset).image_size, owner.phases.channels, device, 2 * n_critic)
             batches = cycle(data)
             step = lambda: owner.train_step(batches)  # noqa: E731

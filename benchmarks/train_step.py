@@ -8,7 +8,9 @@ Both sides run the same phases, ``brats_gan.loss.WGANLoss`` (WGAN-GP, no DiffAug
 ratio measures the engines and nothing else. Contender: the phases on two DeepSpeed engines built by
 ``brats_gan.train.build_engine`` from the preset's ``DEFAULT_DEEPSPEED`` recipe; for ``--dtype bf16``
 plus what ``deepspeed_configs/paper_bf16.json`` adds (``bf16.enabled``, ``data_types.buffer_dtype``
-bf16, ZeRO stage 1 with fp32 ``grad_accum_dtype``: DeepSpeed's bf16 optimizer). Baseline: the phases on
+bf16, ZeRO stage 1 with fp32 ``grad_accum_dtype``: DeepSpeed's bf16 optimizer); for ``--dtype bf16-autocast``
+what ``deepspeed_configs/paper_bf16_autocast.json`` adds (``torch_autocast``: fp32 weights and Adam, each
+phase's forwards under ``torch.autocast`` in bf16, as the baseline's). Baseline: the phases on
 the plain modules, each loss's backward and ``torch.optim.Adam`` with the recipe's hyper-parameters and
 implementation (lr 2e-4, betas (0.5, 0.999), eps 1e-8, L2 weight decay 1e-3, ``fused``); for bf16
 the modules are cast to bf16 and Adam steps fp32 master copies, as DeepSpeed's bf16 optimizer does.
@@ -66,7 +68,8 @@ from brats_gan.recipes import model_config
 from brats_gan.train import build_engine, engine_loss
 from brats_gan.train_config import TrainingConfig, load_deepspeed_config
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-autocast": torch.float32}  # the weights' dtype
+AUTOCAST = {"bf16-autocast": torch.bfloat16}  # the forwards' dtype under torch.autocast
 # Dense peak TFLOP/s per GPU: (bf16, tf32, fp32 with TF32 off); the first key contained in the
 # device name wins, so the specific names come first.
 PEAK_TFLOPS: dict[str, tuple[float, float, float]] = {
@@ -112,7 +115,8 @@ class TorchLoop:
     the networks the DeepSpeed side trains (the preset's, with its recipe's model fields)."""
 
     def __init__(self, preset: str, adam: dict[str, Any], device: str, dtype: torch.dtype, n_critic: int,
-                 gp_lambda: float, batch_size: int, seed: int, compile: bool = False) -> None:
+                 gp_lambda: float, batch_size: int, seed: int, compile: bool = False,
+                 autocast: torch.dtype | None = None) -> None:
         self.config = model_config(preset)
         self.dtype = dtype
         self.n_critic, self.batch_size = n_critic, batch_size
@@ -128,7 +132,7 @@ class TorchLoop:
             update_critic=lambda loss: self._update(loss, self.critic, c_master, c_opt),
             update_generator=lambda loss: self._update(loss, self.generator, g_master, g_opt),
             latent_dim=self.config.latent_dim, channels=self.config.channels, device=device, dtype=dtype,
-            gp_lambda=gp_lambda, functional="compiled" if compile else "off")
+            gp_lambda=gp_lambda, functional="compiled" if compile else "off", autocast=autocast)
 
     def _optimizer(self, module: torch.nn.Module, adam: dict[str, Any]) -> tuple[list[torch.Tensor], torch.optim.Adam]:
         params = list(module.parameters())
@@ -183,8 +187,9 @@ def peak_tflops(device: str, dtype: str, tf32: bool, override: float | None) -> 
     name = torch.cuda.get_device_name(device)
     for key, (bf16, tf32_peak, fp32) in PEAK_TFLOPS.items():
         if key in name:
-            peak = bf16 if dtype == "bf16" else tf32_peak if tf32 else fp32
-            return peak, f"{name}: {key} dense {'bf16' if dtype == 'bf16' else 'tf32' if tf32 else 'fp32'}"
+            low = dtype.startswith("bf16")
+            peak = bf16 if low else tf32_peak if tf32 else fp32
+            return peak, f"{name}: {key} dense {'bf16' if low else 'tf32' if tf32 else 'fp32'}"
     return None, f"unknown ({name} not in the table; pass --peak-tflops)"
 
 
@@ -249,6 +254,8 @@ def deepspeed_config(preset: str, dtype_name: str, batch_size: int, world_size: 
     if dtype_name == "bf16":
         config.update(bf16={"enabled": True}, zero_optimization={"stage": 1},
                       data_types={"buffer_dtype": "bf16", "grad_accum_dtype": "fp32"})
+    elif dtype_name == "bf16-autocast":
+        config.update(torch_autocast={"enabled": True, "dtype": "bf16"})
     return config
 
 
@@ -261,7 +268,8 @@ def measure(args: argparse.Namespace, dtype_name: str, device: str) -> dict[str,
     compile = args.compile is not None
     ds = DeepSpeedSide(args.preset, config, device, args.n_critic, args.batch_size, args.seed, compile)
     gp_lambda = ds.training.gp_lambda
-    loop = TorchLoop(args.preset, adam, device, dtype, args.n_critic, gp_lambda, args.batch_size, args.seed, compile)
+    loop = TorchLoop(args.preset, adam, device, dtype, args.n_critic, gp_lambda, args.batch_size, args.seed, compile,
+                     autocast=AUTOCAST.get(dtype_name))
     data = make_batches(args, model.image_size, model.channels, device, 2 * args.n_critic)
     ds_batches, torch_batches = cycle(data), cycle(data)
     compile_s = {}

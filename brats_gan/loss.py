@@ -29,7 +29,10 @@ A batch-norm critic (``critic_norm`` ``batch``, the faithful presets) normalises
 concatenation would change the statistics: it keeps a forward for each.
 
 In fp16 the penalty's pass runs in fp32 on casts of the critic's weights (:func:`float32_call`), where its
-input gradient cannot overflow; fp32 and bf16 run every phase in the networks' own precision.
+input gradient cannot overflow; fp32 and bf16 run every phase in the networks' own precision. With
+``autocast`` (DeepSpeed's ``torch_autocast``: fp32 weights, plain Adam) every phase's forwards run under
+``torch.autocast`` in that dtype, the module calls too (DeepSpeed autocasts only its engines' forwards), and
+each update outside it.
 
 ``functional`` (``--compile``) runs the WGAN-GP critic step as one function of the critic's weights
 (:mod:`brats_gan.compiled_critic`), ``"compiled"`` through ``torch.compile``, ``"eager"`` without; its
@@ -118,6 +121,7 @@ class WGANLoss:
     augment_p: float = 1.0
     concatenate: bool | None = None  # one critic forward for real and fake; None: where it is exact
     functional: str = "off"  # the critic step as one function of its weights: "off", "eager" or "compiled"
+    autocast: torch.dtype | None = None  # the forwards' dtype under torch.autocast; None: the networks' own
 
     def __post_init__(self) -> None:
         self.critic_steps = 0  # critic updates so far, over the whole run: which ones the lazy penalty falls on
@@ -134,6 +138,12 @@ class WGANLoss:
         self.functional_step = (None if self.functional == "off" else FunctionalCriticStep(
             self.critic_module, self.gp_lambda, self.concatenate, compile=self.functional == "compiled"))
 
+    def forwards(self) -> contextlib.AbstractContextManager:
+        """Where a phase computes what it differentiates: under ``torch.autocast`` with ``autocast``."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=self.autocast)
+
     def noise(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.latent_dim, device=self.device, dtype=self.dtype)
 
@@ -144,23 +154,24 @@ class WGANLoss:
     def critic_step(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One critic update on a real micro-batch; returns (loss, Wasserstein estimate, penalty)."""
         real = to_model(real, self.device, self.dtype, self.channels)
-        with torch.no_grad():
-            fake = self.generator_module(self.noise(real.shape[0]))
+        with torch.no_grad(), self.forwards():
+            fake = self.generator_module(self.noise(real.shape[0])).to(self.dtype)
         if self.functional_step is not None:
             return self.functional_critic_step(real, fake)
-        if self.concatenate:
-            both = self.augment(torch.cat([real, fake]))  # DiffAugment draws per image: one call serves
-            real, fake = both.split(len(real))
-            real_score, fake_score = (part.mean() for part in self.critic(both).float().split(len(real)))
-        else:
-            real, fake = self.augment(real), self.augment(fake)
-            real_score = self.critic(real).float().mean()
-            fake_score = self.critic(fake).float().mean()
-        loss = fake_score - real_score
-        penalty = torch.zeros((), device=self.device)
-        if self.loss == "wgan-gp" and self.critic_steps % self.gp_every == 0:
-            penalty = self.gradient_penalty(real, fake)
-            loss = loss + self.gp_lambda * self.gp_every * penalty
+        with self.forwards():
+            if self.concatenate:
+                both = self.augment(torch.cat([real, fake]))  # DiffAugment draws per image: one call serves
+                real, fake = both.split(len(real))
+                real_score, fake_score = (part.mean() for part in self.critic(both).float().split(len(real)))
+            else:
+                real, fake = self.augment(real), self.augment(fake)
+                real_score = self.critic(real).float().mean()
+                fake_score = self.critic(fake).float().mean()
+            loss = fake_score - real_score
+            penalty = torch.zeros((), device=self.device)
+            if self.loss == "wgan-gp" and self.critic_steps % self.gp_every == 0:
+                penalty = self.gradient_penalty(real, fake)
+                loss = loss + self.gp_lambda * self.gp_every * penalty
         self.critic_steps += 1
         self.update_critic(loss)
         if self.loss == "wgan-clip":
@@ -176,7 +187,8 @@ class WGANLoss:
             real, fake = self.augment(torch.cat([real, fake])).split(len(real))
         else:
             real, fake = self.augment(real), self.augment(fake)
-        figures, grads = self.functional_step(real, fake)
+        with self.forwards():
+            figures, grads = self.functional_step(real, fake)
         self.critic_steps += 1
         self.update_critic(hand_over(figures[0], grads, list(self.critic_module.parameters())))
         loss, wasserstein, penalty = figures.unbind()
@@ -201,8 +213,9 @@ class WGANLoss:
     def generator_step(self, batch_size: int) -> torch.Tensor:
         """One generator update against the frozen critic; returns its loss."""
         with frozen(self.critic_module):
-            fake = self.generator(self.noise(batch_size))
-            loss = -self.critic_module(self.augment(fake)).float().mean()
+            with self.forwards():
+                fake = self.generator(self.noise(batch_size))
+                loss = -self.critic_module(self.augment(fake)).float().mean()
             self.update_generator(loss)
         return loss.detach()
 

@@ -69,7 +69,7 @@ DEEPSPEED_FIELDS = frozenset({
     "scheduler", "gradient_clipping", "fp16", "bf16", "data_types", "zero_optimization", "steps_per_print",
     "wall_clock_breakdown", "memory_breakdown", "prescale_gradients", "gradient_predivide_factor",
     "communication_data_type", "zero_allow_untested_optimizer", "tensorboard", "csv_monitor", "wandb",
-    "comet", "flops_profiler", "comms_logger", "checkpoint", "dump_state", "disable_allgather",
+    "comet", "flops_profiler", "comms_logger", "checkpoint", "dump_state", "disable_allgather", "torch_autocast",
 })
 ADAM_PARAMS = frozenset({"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode", "amsgrad",
                          "bias_correction", "foreach", "fused"})
@@ -330,8 +330,34 @@ def load_deepspeed_config(path: str | None, preset: str, world_size: int, recipe
         DeepSpeedConfig(copy.deepcopy(probe))
     except Exception as err:  # noqa: BLE001  (pydantic and assertion errors; both name the field)
         raise ConfigError(f"{where}: {' '.join(str(err).split())}") from None
+    _check_autocast(config, where)
     _check_precision(config, where)
     return config
+
+
+def autocast_dtype(config: dict[str, Any]) -> torch.dtype | None:
+    """The dtype of ``torch_autocast`` (fp32 weights, each forward's arithmetic in this dtype) where the config
+    enables it, else None. DeepSpeed autocasts only its engines' forwards; the trainer's own calls of the
+    networks (the penalty's interpolates, the generator step's critic) follow this too (``brats_gan.loss``)."""
+    from deepspeed.runtime.config import get_torch_autocast_dtype, get_torch_autocast_enabled
+
+    return get_torch_autocast_dtype(config) if get_torch_autocast_enabled(config) else None
+
+
+def _check_autocast(config: dict[str, Any], where: str) -> None:
+    """``torch_autocast`` in bf16 only, and alone: fp16 autocast would step through a GradScaler, which reads
+    its overflow flag on the host every step; and it is another precision than ``bf16``/``fp16``, not a layer
+    on top of them."""
+    if not config.get("torch_autocast", {}).get("enabled"):
+        return
+    if autocast_dtype(config) != torch.bfloat16:
+        raise ConfigError(f"{where}: field 'torch_autocast.dtype' must be \"bf16\" (unset, DeepSpeed leaves torch its "
+                          f"device's default; fp16 autocast steps through a loss scaler that reads the host every "
+                          f"step: use deepspeed_configs/paper_fp16.json), got {config['torch_autocast'].get('dtype')!r}")
+    for other in ("bf16", "fp16"):
+        if config.get(other, {}).get("enabled"):
+            raise ConfigError(f"{where}: fields 'torch_autocast' and '{other}' are both enabled: keep one (torch_autocast "
+                              f"keeps fp32 weights and autocasts each forward; {other} trains {other} weights)")
 
 
 def precision_supported(dtype: str) -> bool:
@@ -350,11 +376,13 @@ def _check_precision(config: dict[str, Any], where: str) -> None:
     from deepspeed.accelerator import get_accelerator
 
     device = get_accelerator().device_name()
-    for dtype, instead in (("fp16", "bf16 (deepspeed_configs/paper_bf16.json)"), ("bf16", "fp16 or fp32")):
-        if config.get(dtype, {}).get("enabled") and not precision_supported(dtype):
+    for dtype, instead in (("fp16", "bf16 (deepspeed_configs/paper_bf16.json)"), ("bf16", "fp16 or fp32"),
+                           ("torch_autocast", "fp16 or fp32")):
+        if config.get(dtype, {}).get("enabled") and not precision_supported("bf16" if dtype == "torch_autocast" else dtype):
             why = " (DeepSpeed offers fp16 on CPUs with AVX512-FP16 or AMX-FP16 only)" if device == "cpu" else ""
+            what = "bf16 autocast" if dtype == "torch_autocast" else dtype
             raise ConfigError(f"{where}: field '{dtype}.enabled': this machine's accelerator ({device}) does not "
-                              f"support {dtype} training{why}; use {instead} or fp32 (deepspeed_configs/paper.json)")
+                              f"support {what} training{why}; use {instead} or fp32 (deepspeed_configs/paper.json)")
 
 
 def build_options(given: dict[tuple[str, str], Any], out: str | Path, resume: bool, world_size: int) -> Options:

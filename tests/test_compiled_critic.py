@@ -24,7 +24,8 @@ from brats_gan.models import build_models, get_config
 EAGER = {"TORCHDYNAMO_DISABLE": "1"}
 
 
-def critic_step(config, functional: str, noise_std: float, seed: int = 3, dtype: torch.dtype = torch.float32):
+def critic_step(config, functional: str, noise_std: float, seed: int = 3, dtype: torch.dtype = torch.float32,
+                autocast: torch.dtype | None = None):
     """Figures and every critic parameter's gradient of one critic step on fixed images, RNG seeded alike."""
     torch.manual_seed(0)
     generator, critic = (net.to(dtype) for net in build_models(config))
@@ -37,7 +38,7 @@ def critic_step(config, functional: str, noise_std: float, seed: int = 3, dtype:
 
     phases = WGANLoss(critic=critic, critic_module=critic, generator=generator, generator_module=generator,
                       update_critic=keep, update_generator=lambda loss: None, latent_dim=config.latent_dim,
-                      channels=config.channels, device="cpu", dtype=dtype, functional=functional)
+                      channels=config.channels, device="cpu", dtype=dtype, functional=functional, autocast=autocast)
     real = torch.rand(4, 1, config.image_size, config.image_size, generator=torch.Generator().manual_seed(1)) * 2 - 1
     torch.manual_seed(seed)
     figures = torch.stack(phases.critic_step(real))
@@ -67,6 +68,19 @@ def test_in_bf16_the_functional_steps_gradients_are_the_autograd_steps_to_bf16_r
     figures, grads = critic_step(config, "off", 0.1, dtype=torch.bfloat16)
     functional_figures, functional_grads = critic_step(config, "eager", 0.1, dtype=torch.bfloat16)
     torch.testing.assert_close(functional_figures, figures, rtol=1e-3, atol=1e-4)
+    for name, g in grads.items():
+        assert (functional_grads[name] - g).norm() <= 1e-2 * g.norm() + 1e-6, name
+
+
+def test_under_autocast_the_functional_steps_gradients_are_the_autograd_steps_to_bf16_rounding(one_thread) -> None:
+    """``torch_autocast`` with ``--compile``: the functional step runs under the same autocast (fp32 weights, bf16
+    convolutions): its figures and gradients are the autograd step's under autocast to rounding, not the fp32 step's."""
+    config = get_config("tiny")
+    figures, grads = critic_step(config, "off", 0.1, autocast=torch.bfloat16)
+    functional_figures, functional_grads = critic_step(config, "eager", 0.1, autocast=torch.bfloat16)
+    fp32_figures, _ = critic_step(config, "eager", 0.1)
+    torch.testing.assert_close(functional_figures, figures, rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(fp32_figures, functional_figures, rtol=1e-4, atol=1e-5), "bf16 arithmetic, not fp32"
     for name, g in grads.items():
         assert (functional_grads[name] - g).norm() <= 1e-2 * g.norm() + 1e-6, name
 

@@ -69,6 +69,9 @@ PAPER = ["--preset", "paper", "--seed", "0", "--checkpoint-every", "2", "--swd-i
 PRECISIONS = {  # fp32 streams through loader workers (pinned from their shared memory), bf16 from the cache
     "fp32": ["--cache", "stream", "--num-workers", "2"],
     "bf16": ["--cache", "memory", "--deepspeed-config", str(REPO / "deepspeed_configs" / "paper_bf16.json")],
+    # fp32 weights, bf16 forwards under CUDA's autocast (cuDNN's bf16 convolutions, the penalty's double backward)
+    "bf16-autocast": ["--cache", "memory", "--deepspeed-config",
+                      str(REPO / "deepspeed_configs" / "paper_bf16_autocast.json")],
 }
 LIMITED_MEMORY = ("import sys, torch\n"  # a GPU with 1 GiB free: the paper's 35.5 M parameters and Adam fit, a batch of 64 not
                   "torch.cuda.set_per_process_memory_fraction(2**30 / torch.cuda.get_device_properties(0).total_memory)\n"

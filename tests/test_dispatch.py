@@ -93,3 +93,22 @@ def test_counter_tells_launches_views_and_reads_apart(one_thread: None) -> None:
     assert counter.ops > sum(counter.launching.values())
     assert "item" not in torch.Tensor.__dict__ and torch.Tensor.backward is backward
     assert torch.ones(()).item() == 1.0 and sum(counter.reads["device"].values()) == 3, "hooks removed after"
+
+
+@pytest.mark.slow
+def test_bf16_through_autocast_reads_nothing_back_inside_an_iteration() -> None:
+    """bf16 as ``deepspeed_configs/paper_bf16_autocast.json`` trains it (fp32 weights, torch's Adam, forwards under
+    autocast): the trainer's iteration reads no device tensor, where DeepSpeed's bf16 optimizer (paper_bf16.json)
+    reads its gradient norm's finiteness at every optimiser step; and it launches what is recorded."""
+    recorded = {r["dtype"]: r for r in json.loads(RECORD.read_text())["results"]
+                if (r["preset"], r["side"]) == ("tiny", "trainer")}
+    assert recorded["bf16"]["host_reads"]["device"], "the recorded bf16 optimizer's reads (the contrast)"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "dispatch.py"), "--preset", "tiny", "--dtype",
+                           "bf16-autocast", "--side", "trainer", "--json"], capture_output=True, text=True, timeout=300,
+                          check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (got,) = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
+    assert got["host_reads"]["device"] == {}, got["host_reads"]
+    assert got["per_read"]["host_reads"]["device"] == {"tolist": 1}
+    want = recorded["bf16-autocast"]["launching_ops"]
+    assert _close(got["launching_ops"], want), f"tiny bf16-autocast trainer: {got['launching_ops']}, recorded {want}; {RERECORD}"

@@ -49,6 +49,7 @@ from brats_gan.data import Position, SliceStream, iterate_batches
 from brats_gan.train_config import (
     DEFAULT_DEEPSPEED,
     ConfigError,
+    autocast_dtype,
     load_deepspeed_config,
     precision_supported,
 )
@@ -154,7 +155,7 @@ class _SharedProbe(torch.utils.data.Dataset):
 
 
 def test_deepspeed_configs_hold_the_papers_recipe_and_validate() -> None:
-    for name in ("paper", "paper_bf16", "tiny") + (("paper_fp16",) if precision_supported("fp16") else ()):
+    for name in ("paper", "paper_bf16", "paper_bf16_autocast", "tiny") + (("paper_fp16",) if precision_supported("fp16") else ()):
         load_deepspeed_config(str(REPO / "deepspeed_configs" / f"{name}.json"), "paper", world_size=2)
     for name in ("paper", "tiny"):
         on_disk = json.loads((REPO / "deepspeed_configs" / f"{name}.json").read_text())
@@ -176,6 +177,22 @@ def test_zero_stage_1_is_bf16s_optimizer_and_refused_elsewhere(tmp_path: Path) -
     (tmp_path / "ds.json").write_text(json.dumps(fp32))
     with pytest.raises(ConfigError, match="'zero_optimization.stage' 1 is for bf16 only"):
         load_deepspeed_config(str(tmp_path / "ds.json"), "paper", world_size=1)
+
+
+def test_autocast_is_bf16_alone_and_keeps_the_fp32_recipe(tmp_path: Path) -> None:
+    """paper_bf16_autocast.json is paper.json plus bf16 ``torch_autocast``; an fp16 autocast (a loss scaler that
+    reads the host every step), an autocast with no dtype (the device's default) and one on top of bf16 or fp16
+    weights are refused by field."""
+    autocast = load_deepspeed_config(str(REPO / "deepspeed_configs" / "paper_bf16_autocast.json"), "paper", 2)
+    assert {k: v for k, v in autocast.items() if k != "torch_autocast"} == DEFAULT_DEEPSPEED["paper"]
+    assert autocast_dtype(autocast) == torch.bfloat16 and autocast_dtype(DEFAULT_DEEPSPEED["paper"]) is None
+    for section, more, message in (
+            ({"enabled": True, "dtype": "fp16"}, {}, "'torch_autocast.dtype' must be \"bf16\""),
+            ({"enabled": True}, {}, "'torch_autocast.dtype' must be \"bf16\""),
+            ({"enabled": True, "dtype": "bf16"}, {"bf16": {"enabled": True}}, "'torch_autocast' and 'bf16'")):
+        (tmp_path / "ds.json").write_text(json.dumps({**DEFAULT_DEEPSPEED["paper"], "torch_autocast": section, **more}))
+        with pytest.raises(ConfigError, match=message):
+            load_deepspeed_config(str(tmp_path / "ds.json"), "paper", world_size=1)
 
 
 # ------------------------------------------------------------------------------------------ refusals
@@ -435,12 +452,14 @@ def test_a_start_sweeps_deepspeed_buffers_that_no_process_maps(tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_a_bf16_run_resumes_exactly(store: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("config_name", ["paper_bf16", "paper_bf16_autocast"])
+def test_a_bf16_run_resumes_exactly(store: Path, tmp_path: Path, config_name: str) -> None:
     """bf16 trains through DeepSpeed's bf16 optimizer (ZeRO 1, issue 18), whose checkpoint holds its flat
-    buffers' ``fragment_address`` tuples: the weights-only loader takes them, and the resumed run's losses are
-    those of the run that never stopped. With a lazy penalty (``--gp-every 3``) the resumed step 3 is, as in the
-    whole run, one without it: the schedule counts the run's critic steps, not the process's."""
-    config = json.loads((REPO / "deepspeed_configs" / "paper_bf16.json").read_text())
+    buffers' ``fragment_address`` tuples, or through ``torch_autocast`` (fp32 weights, bf16 forwards): the
+    weights-only loader takes either, and the resumed run's losses are those of the run that never stopped. With
+    a lazy penalty (``--gp-every 3``) the resumed step 3 is, as in the whole run, one without it: the schedule
+    counts the run's critic steps, not the process's."""
+    config = json.loads((REPO / "deepspeed_configs" / f"{config_name}.json").read_text())
     config["train_micro_batch_size_per_gpu"] = 4
     (tmp_path / "bf16.json").write_text(json.dumps(config))
     env = {"OMP_NUM_THREADS": "1"}

@@ -70,6 +70,7 @@ from brats_gan.train_config import (
     ConfigError,
     Options,
     TrainingConfig,
+    autocast_dtype,
     build_options,
     check_run_folder,
     resolve_resume_auto,
@@ -184,7 +185,7 @@ def engine_loss(generator: Any, critic: Any, config: TrainingConfig, device: str
                     channels=model.channels, device=device, dtype=next(generator.module.parameters()).dtype,
                     loss=config.loss, gp_lambda=config.gp_lambda, gp_every=config.gp_every, clip_value=config.clip_value,
                     augment_policies=config.augment, augment_p=config.augment_p,
-                    functional="compiled" if config.compile else "off")
+                    functional="compiled" if config.compile else "off", autocast=autocast_dtype(config.deepspeed))
 
 
 class Trainer:
