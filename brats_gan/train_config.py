@@ -339,7 +339,10 @@ def autocast_dtype(config: dict[str, Any]) -> torch.dtype | None:
     """The dtype of ``torch_autocast`` (fp32 weights, each forward's arithmetic in this dtype) where the config
     enables it, else None. DeepSpeed autocasts only its engines' forwards; the trainer's own calls of the
     networks (the penalty's interpolates, the generator step's critic) follow this too (``brats_gan.loss``)."""
-    from deepspeed.runtime.config import get_torch_autocast_dtype, get_torch_autocast_enabled
+    from deepspeed.runtime.config import (
+        get_torch_autocast_dtype,
+        get_torch_autocast_enabled,
+    )
 
     return get_torch_autocast_dtype(config) if get_torch_autocast_enabled(config) else None
 
