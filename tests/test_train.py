@@ -452,14 +452,13 @@ def test_a_start_sweeps_deepspeed_buffers_that_no_process_maps(tmp_path: Path) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config_name", ["paper_bf16", "paper_bf16_autocast"])
-def test_a_bf16_run_resumes_exactly(store: Path, tmp_path: Path, config_name: str) -> None:
+def test_a_bf16_run_resumes_exactly(store: Path, tmp_path: Path) -> None:
     """bf16 trains through DeepSpeed's bf16 optimizer (ZeRO 1, issue 18), whose checkpoint holds its flat
-    buffers' ``fragment_address`` tuples, or through ``torch_autocast`` (fp32 weights, bf16 forwards): the
-    weights-only loader takes either, and the resumed run's losses are those of the run that never stopped. With
-    a lazy penalty (``--gp-every 3``) the resumed step 3 is, as in the whole run, one without it: the schedule
-    counts the run's critic steps, not the process's."""
-    config = json.loads((REPO / "deepspeed_configs" / f"{config_name}.json").read_text())
+    buffers' ``fragment_address`` tuples: the weights-only loader takes them, and the resumed run's losses are
+    those of the run that never stopped. With a lazy penalty (``--gp-every 3``) the resumed step 3 is, as in the
+    whole run, one without it: the schedule counts the run's critic steps, not the process's. (bf16 through
+    ``torch_autocast`` checkpoints fp32 engines, as fp32 does; its Trainer runs in test_dispatch.py.)"""
+    config = json.loads((REPO / "deepspeed_configs" / "paper_bf16.json").read_text())
     config["train_micro_batch_size_per_gpu"] = 4
     (tmp_path / "bf16.json").write_text(json.dumps(config))
     env = {"OMP_NUM_THREADS": "1"}
