@@ -15,7 +15,8 @@
 #   sbatch --nodes=2 launch/train_slurm.sh work/poster/train.zarr work/poster/run $TRAIN_ARGS
 # with the TRAIN_ARGS printed below. Re-running this script resumes every step that was started.
 # Environment: STEPS (default 20000 generator steps), DEEPSPEED_CONFIG (default the paper's fp32
-# recipe, built in; deepspeed_configs/paper_bf16.json for bf16), AUGMENT (default none, as the poster).
+# recipe, built in; deepspeed_configs/paper_bf16.json or paper_bf16_autocast.json for bf16), AUGMENT
+# (default none, as the poster).
 set -euo pipefail
 USAGE="usage: launch/poster_recipe.sh BRATS2020_DIR WORKDIR [GPUS [TRAIN OPTIONS...]]"
 BRATS=${1:?$USAGE}

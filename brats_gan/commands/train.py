@@ -78,7 +78,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                           "presets). Instance noise is drawn by the compiled code's own generator")
     run.add_argument("--deepspeed-config", metavar="JSON",
                      help="DeepSpeed config for both engines (default: the recipe's Adam in fp32, micro-batch 8; "
-                          "the tiny presets use deepspeed_configs/tiny.json's micro-batch of 4)")
+                          "the tiny presets use deepspeed_configs/tiny.json's micro-batch of 4); bf16: "
+                          "deepspeed_configs/paper_bf16.json (bf16 weights) or paper_bf16_autocast.json (fp32 "
+                          "weights, bf16 forwards, no host read per step)")
     loss = parser.add_argument_group("loss")
     loss.add_argument("--loss", choices=LOSSES, help=f"default {t.loss}")
     loss.add_argument("--n-critic", type=int, help="critic steps per generator step (default: the recipe's)")
