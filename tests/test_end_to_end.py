@@ -1,6 +1,7 @@
 """``benchmarks/end_to_end.py`` for a few seconds, so that the whole job as a user runs it cannot rot:
 phantoms, two preprocessing runs, training under the DeepSpeed launcher stopped by a signal,
-generation from ``best`` and ``latest``, evaluation against held-out subjects, the baseline."""
+generation from ``best`` and ``latest``, evaluation against held-out subjects, the baseline. Marked ``benchmark``:
+outside the default run (``python -m pytest -m benchmark``), which it would take past 10 minutes on 2 cores."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from conftest import shm_buffers
 from training_runs import REPO
 
 
-@pytest.mark.slow
+@pytest.mark.benchmark  # 37-40 s on the 2-core VM: outside the default run, `python -m pytest -m benchmark`
 def test_the_whole_job_runs_time_boxed_and_reports_one_json_line(tmp_path: Path, deepspeed_op: Path) -> None:
     work = tmp_path / "work"
     leftovers_before = shm_buffers()

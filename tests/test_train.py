@@ -463,14 +463,17 @@ def test_a_bf16_run_resumes_exactly(store: Path, tmp_path: Path) -> None:
     (tmp_path / "bf16.json").write_text(json.dumps(config))
     env = {"OMP_NUM_THREADS": "1"}
 
-    def train(run: Path, steps: int, *more: str) -> None:
-        run_cli("train", "--store", store, "--out", run, "--preset", "tiny", "--steps", str(steps),
-                "--deepspeed-config", tmp_path / "bf16.json", "--checkpoint-every", "2", "--sample-every", "0",
-                "--swd-images", "0", "--gp-every", "3", *more, env=env, ok=True)
+    def train(run: Path, steps: int, *more: str) -> str:
+        return run_cli("train", "--store", store, "--out", run, "--preset", "tiny", "--steps", str(steps),
+                       "--deepspeed-config", tmp_path / "bf16.json", "--checkpoint-every", "2", "--sample-every", "0",
+                       "--swd-images", "0", "--gp-every", "3", *more, env=env, ok=True).output
 
-    train(tmp_path / "whole", 3)
-    train(tmp_path / "resumed", 2)
-    train(tmp_path / "resumed", 3, "--resume")
+    train(tmp_path / "whole", 3)  # checkpoints 2 and 3
+    resumed = tmp_path / "resumed"  # the whole run as it was at its checkpoint 2: two launches, not three
+    shutil.copytree(tmp_path / "whole", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "3")
+    (resumed / "checkpoints" / "latest").write_text("2\n")
+    assert "resumed from step 2" in train(resumed, 3, "--resume")
     losses = ("critic_loss", "generator_loss", "wasserstein", "gradient_penalty")
     whole, resumed = ([[row[k] for k in losses] for row in metric_rows(tmp_path / run)] for run in ("whole", "resumed"))
     assert len(whole) == 3 and resumed == whole
