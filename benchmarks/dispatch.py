@@ -107,7 +107,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from train_step import (
-    AUTOCAST,
     DTYPES,
     Batches,
     DeepSpeedSide,
@@ -123,7 +122,7 @@ from brats_gan.distributed import DistEnv, init_distributed, shutdown_distribute
 from brats_gan.loss import WGANLoss
 from brats_gan.models import PRESETS, get_config
 from brats_gan.recipes import RECIPES
-from brats_gan.train_config import TrainingConfig, build_options, load_deepspeed_config
+from brats_gan.train_config import TrainingConfig, autocast_dtype, build_options, load_deepspeed_config
 
 HERE = Path(__file__).resolve().parent
 RECORD = HERE / "dispatch_counts.json"
@@ -513,7 +512,7 @@ def count_side(args: argparse.Namespace, side: str, dtype_name: str, device: str
             else:
                 owner = TorchLoop(args.preset, config["optimizer"]["params"], device, DTYPES[dtype_name], n_critic,
                                   TrainingConfig(preset=args.preset).gp_lambda, args.batch_size, args.seed,
-                                  compile=args.compile is not None, autocast=AUTOCAST.get(dtype_name))
+                                  compile=args.compile is not None, autocast=autocast_dtype(config))
             data = make_batches(args, get_config(args.preset).image_size, owner.phases.channels, device, 2 * n_critic)
             batches = cycle(data)
             step = lambda: owner.train_step(batches)  # noqa: E731

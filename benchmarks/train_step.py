@@ -66,10 +66,10 @@ from brats_gan.loss import WGANLoss
 from brats_gan.models import PRESETS, FlopCount, build_models, get_config
 from brats_gan.recipes import model_config
 from brats_gan.train import build_engine, engine_loss
-from brats_gan.train_config import TrainingConfig, load_deepspeed_config
+from brats_gan.train_config import TrainingConfig, autocast_dtype, load_deepspeed_config
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-autocast": torch.float32}  # the weights' dtype
-AUTOCAST = {"bf16-autocast": torch.bfloat16}  # the forwards' dtype under torch.autocast
+# the weights' dtype; bf16-autocast's forwards run in bf16 under torch.autocast (its config's torch_autocast)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-autocast": torch.float32}
 # Dense peak TFLOP/s per GPU: (bf16, tf32, fp32 with TF32 off); the first key contained in the
 # device name wins, so the specific names come first.
 PEAK_TFLOPS: dict[str, tuple[float, float, float]] = {
@@ -269,7 +269,7 @@ def measure(args: argparse.Namespace, dtype_name: str, device: str) -> dict[str,
     ds = DeepSpeedSide(args.preset, config, device, args.n_critic, args.batch_size, args.seed, compile)
     gp_lambda = ds.training.gp_lambda
     loop = TorchLoop(args.preset, adam, device, dtype, args.n_critic, gp_lambda, args.batch_size, args.seed, compile,
-                     autocast=AUTOCAST.get(dtype_name))
+                     autocast=autocast_dtype(config))
     data = make_batches(args, model.image_size, model.channels, device, 2 * args.n_critic)
     ds_batches, torch_batches = cycle(data), cycle(data)
     compile_s = {}

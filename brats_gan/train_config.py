@@ -379,12 +379,13 @@ def _check_precision(config: dict[str, Any], where: str) -> None:
     from deepspeed.accelerator import get_accelerator
 
     device = get_accelerator().device_name()
-    for dtype, instead in (("fp16", "bf16 (deepspeed_configs/paper_bf16.json)"), ("bf16", "fp16 or fp32"),
-                           ("torch_autocast", "fp16 or fp32")):
-        if config.get(dtype, {}).get("enabled") and not precision_supported("bf16" if dtype == "torch_autocast" else dtype):
+    # (config field, the precision it needs, what it trains in, the alternative to name)
+    for section, needs, what, instead in (("fp16", "fp16", "fp16", "bf16 (deepspeed_configs/paper_bf16.json)"),
+                                          ("bf16", "bf16", "bf16", "fp16 or fp32"),
+                                          ("torch_autocast", "bf16", "bf16 autocast", "fp16")):
+        if config.get(section, {}).get("enabled") and not precision_supported(needs):
             why = " (DeepSpeed offers fp16 on CPUs with AVX512-FP16 or AMX-FP16 only)" if device == "cpu" else ""
-            what = "bf16 autocast" if dtype == "torch_autocast" else dtype
-            raise ConfigError(f"{where}: field '{dtype}.enabled': this machine's accelerator ({device}) does not "
+            raise ConfigError(f"{where}: field '{section}.enabled': this machine's accelerator ({device}) does not "
                               f"support {what} training{why}; use {instead} or fp32 (deepspeed_configs/paper.json)")
 
 
