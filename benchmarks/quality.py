@@ -65,6 +65,7 @@ VARIANTS: dict[str, list[str]] = {
                                         "--ema-rampup", "0.02"],
     "one-critic-noise-resize-gp4": ["--preset", "tiny", "--recipe", "one-critic-noise-resize", "--gp-every", "4"],
     "one-critic-noise-resize-gp8": ["--preset", "tiny", "--recipe", "one-critic-noise-resize", "--gp-every", "8"],
+    "one-critic-noise-resize-hardtanh": ["--preset", "tiny", "--recipe", "one-critic-noise-resize-hardtanh"],
     # at 256 px (a GPU's): Tables I and II with the poster's recipe, against the tiny default's recipe
     "paper": ["--preset", "paper", "--recipe", "poster"],
     "paper-one-critic-noise-resize": ["--preset", "paper", "--recipe", "one-critic-noise-resize"],

@@ -28,6 +28,7 @@ ACTIVATIONS = ("relu", "leaky_relu")
 UPSAMPLES = ("transposed", "resize", "subpixel", "transposed-blur")
 RESIZE_MODES = ("nearest", "bilinear")
 GENERATOR_NORMS = ("batch", "none")
+GENERATOR_OUTPUTS = ("tanh", "hardtanh")
 NO_ACTIVATION = "—"
 
 
@@ -49,6 +50,8 @@ class ModelConfig:
     generator_widths: tuple[int, ...] = (1024, 512, 256, 128, 64, 32)
     generator_norm: str = "batch"
     generator_dropout: float = 0.1
+    generator_last_width: int = 0  # output width of the last upsampling layer; 0: channels, as Table I
+    generator_output: str = "tanh"
     upsample: str = "transposed"
     resize_mode: str = "nearest"
     critic_widths: tuple[int, ...] = (32, 64, 128, 156, 512, 1024)
@@ -85,6 +88,9 @@ class ModelConfig:
         check("generator_norm", self.generator_norm in GENERATOR_NORMS, f"one of {GENERATOR_NORMS}")
         check("generator_dropout", isinstance(self.generator_dropout, (int, float))
               and 0.0 <= self.generator_dropout < 1.0, "a float in [0, 1)")
+        check("generator_last_width", isinstance(self.generator_last_width, int)
+              and not isinstance(self.generator_last_width, bool) and self.generator_last_width >= 0, "an int >= 0")
+        check("generator_output", self.generator_output in GENERATOR_OUTPUTS, f"one of {GENERATOR_OUTPUTS}")
         check("upsample", self.upsample in UPSAMPLES, f"one of {UPSAMPLES}")
         check("resize_mode", self.resize_mode in RESIZE_MODES, f"one of {RESIZE_MODES}")
         check("critic_widths", len(self.critic_widths) > 0 and all(map(positive_int, self.critic_widths)),
@@ -306,7 +312,8 @@ class Generator(nn.Module):
         self.reshape = Block(
             "Reshape", NO_ACTIVATION, unflatten=nn.Unflatten(1, (c.generator_widths[0], c.base_size, c.base_size))
         )
-        widths = (*c.generator_widths, c.channels)
+        last = c.generator_last_width or c.channels
+        widths = (*c.generator_widths, last)
         self.up = nn.ModuleList()
         for w_in, w_out in itertools.pairwise(widths):
             label, layers = _upsampler(c, w_in, w_out, bias=not batch_norm)
@@ -319,8 +326,9 @@ class Generator(nn.Module):
             ))
         # A stride-1 transposed conv is a conv with a flipped kernel, so the other upsamplings use a plain conv.
         transposed = c.upsample.startswith("transposed")
-        out_conv = (nn.ConvTranspose2d if transposed else nn.Conv2d)(c.channels, c.channels, 3, 1, 1)
-        self.out = Block(_conv_label("T. Conv" if transposed else "Conv", 3), "Tanh", conv=out_conv, act=nn.Tanh())
+        out_conv = (nn.ConvTranspose2d if transposed else nn.Conv2d)(last, c.channels, 3, 1, 1)
+        act, act_name = (nn.Hardtanh(), "Hardtanh") if c.generator_output == "hardtanh" else (nn.Tanh(), "Tanh")
+        self.out = Block(_conv_label("T. Conv" if transposed else "Conv", 3), act_name, conv=out_conv, act=act)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """``z`` of shape (B, latent_dim) or (B, latent_dim, 1, 1) -> images (B, channels, S, S) in [-1, 1]."""

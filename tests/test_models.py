@@ -328,3 +328,22 @@ def test_cli_shows_the_tiny_default_upsampling_and_the_poster_s_with_its_recipe(
     assert default.count("Upsample × 2 + Conv 3 × 3") == 4 and "T. Conv" not in default
     assert cli_main(["models", "--preset", "tiny", "--recipe", "one-critic"]) == 0
     assert capsys.readouterr().out.count("T. Conv 4 × 4") == 4
+
+
+def test_hardtanh_generator_draws_an_exactly_flat_background_and_bad_outputs_are_refused():
+    """Real slices' background is exactly -1; tanh never reaches it, hardtanh does (issue 19)."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(get_config("tiny"), generator_output="hardtanh")
+    generator, _ = build_models(config)
+    with torch.no_grad():
+        generator.out.conv.bias.fill_(-5.0)
+        images = generator(torch.randn(4, config.latent_dim))
+    assert (images == -1).float().mean() > 0.9
+    tanh_generator, _ = build_models(dataclasses.replace(config, generator_output="tanh"))
+    with torch.no_grad():
+        tanh_generator.out.conv.bias.fill_(-5.0)
+        assert (tanh_generator(torch.randn(4, config.latent_dim)) == -1).float().mean() < 0.1
+    with pytest.raises(ValueError, match="generator_output must be one of"):
+        dataclasses.replace(config, generator_output="sigmoid")
+    with pytest.raises(ValueError, match="generator_last_width must be an int >= 0"):
+        dataclasses.replace(config, generator_last_width=-1)
