@@ -70,7 +70,7 @@ RECIPES: dict[str, Recipe] = {
     "one-critic-noise-resize-hardtanh": Recipe(
         summary="one-critic-noise-resize with a hardtanh output in place of tanh, so the generator can draw the real "
                 "slices' exactly flat -1 background: SWD 1.62x the floor at 2000 steps against 2.49x (3 seeds; "
-                "benchmarks/README.md, issue 19); a candidate default, not yet the tiny presets'",
+                "benchmarks/README.md, issue 19); the tiny presets' default",
         adam=POSTER_ADAM,
         training=ONE_CRITIC_TRAINING,
         model={"generator_dropout": 0.0, "critic_noise_std": 0.2, "upsample": "resize", "resize_mode": "nearest",
@@ -80,7 +80,7 @@ RECIPES: dict[str, Recipe] = {
 
 # The recipe each preset trains with unless --recipe says otherwise; `paper` keeps the poster's. A run records the
 # recipe it used, so a tiny run started with `one-critic` (the default until issue 19) resumes with its networks.
-PRESET_RECIPES = {"paper": "poster", "tiny": "one-critic-noise-resize"}
+PRESET_RECIPES = {"paper": "poster", "tiny": "one-critic-noise-resize-hardtanh"}
 
 
 def preset_family(preset: str) -> str:

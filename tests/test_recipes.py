@@ -53,10 +53,11 @@ def test_an_unknown_recipe_is_refused_naming_the_flag(tmp_path: Path) -> None:
 
 
 def test_tiny_trains_without_the_grid_by_default_and_older_recipes_keep_their_networks(tmp_path: Path) -> None:
-    """Issue 19: the tiny presets' recipe resizes then convolves and gives the critic more instance noise; a run
-    recorded with `one-critic` (all tiny runs before) resumes with the networks it was built with."""
+    """Issue 19: the tiny presets' recipe resizes then convolves, gives the critic more instance noise and ends in a
+    hardtanh; a run recorded with `one-critic` (all tiny runs before) resumes with the networks it was built with."""
     tiny = options(tmp_path, preset="tiny").training
-    assert tiny.recipe == "one-critic-noise-resize"
+    assert tiny.recipe == "one-critic-noise-resize-hardtanh" and tiny.model.generator_output == "hardtanh"
+    assert options(tmp_path, preset="tiny", recipe="one-critic-noise-resize").training.model.generator_output == "tanh"
     assert (tiny.model.upsample, tiny.model.resize_mode, tiny.model.critic_noise_std) == ("resize", "nearest", 0.2)
     assert (tiny.n_critic, tiny.augment, tiny.model.generator_dropout) == (1, (), 0.0)
     before = options(tmp_path, preset="tiny", recipe="one-critic").training
@@ -64,4 +65,5 @@ def test_tiny_trains_without_the_grid_by_default_and_older_recipes_keep_their_ne
     flagged = options(tmp_path, preset="tiny", upsample="subpixel").training
     assert flagged.model.upsample == "subpixel" and flagged.model.critic_noise_std == 0.2
     paper = options(tmp_path, preset="paper").training
-    assert (paper.model.upsample, paper.model.critic_noise_std) == ("transposed", 0.1), "paper keeps Table I"
+    assert (paper.model.upsample, paper.model.critic_noise_std, paper.model.generator_output) == (
+        "transposed", 0.1, "tanh"), "paper keeps Table I"
