@@ -28,7 +28,8 @@ ACTIVATIONS = ("relu", "leaky_relu")
 UPSAMPLES = ("transposed", "resize", "subpixel", "transposed-blur")
 RESIZE_MODES = ("nearest", "bilinear")
 GENERATOR_NORMS = ("batch", "none")
-GENERATOR_OUTPUTS = ("tanh", "hardtanh")
+GENERATOR_OUTPUTS: dict[str, tuple[type[nn.Module], str]] = {"tanh": (nn.Tanh, "Tanh"),
+                                                              "hardtanh": (nn.Hardtanh, "Hardtanh")}
 NO_ACTIVATION = "—"
 
 
@@ -90,7 +91,7 @@ class ModelConfig:
               and 0.0 <= self.generator_dropout < 1.0, "a float in [0, 1)")
         check("generator_last_width", isinstance(self.generator_last_width, int)
               and not isinstance(self.generator_last_width, bool) and self.generator_last_width >= 0, "an int >= 0")
-        check("generator_output", self.generator_output in GENERATOR_OUTPUTS, f"one of {GENERATOR_OUTPUTS}")
+        check("generator_output", self.generator_output in GENERATOR_OUTPUTS, f"one of {tuple(GENERATOR_OUTPUTS)}")
         check("upsample", self.upsample in UPSAMPLES, f"one of {UPSAMPLES}")
         check("resize_mode", self.resize_mode in RESIZE_MODES, f"one of {RESIZE_MODES}")
         check("critic_widths", len(self.critic_widths) > 0 and all(map(positive_int, self.critic_widths)),
@@ -327,8 +328,8 @@ class Generator(nn.Module):
         # A stride-1 transposed conv is a conv with a flipped kernel, so the other upsamplings use a plain conv.
         transposed = c.upsample.startswith("transposed")
         out_conv = (nn.ConvTranspose2d if transposed else nn.Conv2d)(last, c.channels, 3, 1, 1)
-        act, act_name = (nn.Hardtanh(), "Hardtanh") if c.generator_output == "hardtanh" else (nn.Tanh(), "Tanh")
-        self.out = Block(_conv_label("T. Conv" if transposed else "Conv", 3), act_name, conv=out_conv, act=act)
+        output, output_label = GENERATOR_OUTPUTS[c.generator_output]
+        self.out = Block(_conv_label("T. Conv" if transposed else "Conv", 3), output_label, conv=out_conv, act=output())
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """``z`` of shape (B, latent_dim) or (B, latent_dim, 1, 1) -> images (B, channels, S, S) in [-1, 1]."""

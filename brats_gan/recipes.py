@@ -29,6 +29,8 @@ class Recipe:
 POSTER_ADAM = {"lr": 0.0002, "betas": [0.5, 0.999], "weight_decay": 0.001}
 # one critic step per generator step, no DiffAugment: what the one-critic recipes share
 ONE_CRITIC_TRAINING = {"n_critic": 1, "gp_lambda": 10.0, "augment": (), "augment_p": 1.0}
+# one-critic-noise-resize's networks, which the hardtanh recipe extends
+NOISE_RESIZE_MODEL = {"generator_dropout": 0.0, "critic_noise_std": 0.2, "upsample": "resize", "resize_mode": "nearest"}
 
 RECIPES: dict[str, Recipe] = {
     "poster": Recipe(
@@ -65,7 +67,7 @@ RECIPES: dict[str, Recipe] = {
                 "+4.6) and SWD 2.4x the floor (3.0x) (3 seeds; benchmarks/README.md, issue 19)",
         adam=POSTER_ADAM,
         training=ONE_CRITIC_TRAINING,
-        model={"generator_dropout": 0.0, "critic_noise_std": 0.2, "upsample": "resize", "resize_mode": "nearest"},
+        model=NOISE_RESIZE_MODEL,
     ),
     "one-critic-noise-resize-hardtanh": Recipe(
         summary="one-critic-noise-resize with a hardtanh output in place of tanh, so the generator can draw the real "
@@ -73,8 +75,7 @@ RECIPES: dict[str, Recipe] = {
                 "benchmarks/README.md, issue 19); the tiny presets' default",
         adam=POSTER_ADAM,
         training=ONE_CRITIC_TRAINING,
-        model={"generator_dropout": 0.0, "critic_noise_std": 0.2, "upsample": "resize", "resize_mode": "nearest",
-               "generator_output": "hardtanh"},
+        model={**NOISE_RESIZE_MODEL, "generator_output": "hardtanh"},
     ),
 }
 
