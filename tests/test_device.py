@@ -155,3 +155,22 @@ def test_a_micro_batch_too_large_for_the_gpu_is_named_not_a_traceback(paper_stor
     assert "out of memory on cuda" in output and "micro-batch of 64 per rank" in output
     assert "train_micro_batch_size_per_gpu in --deepspeed-config (e.g. 32)" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_tiny_default_generator_draws_its_flat_background_and_trains_on_the_gpu(dtype: torch.dtype) -> None:
+    """Issue 19's hardtanh output on CUDA, in fp32 and bf16: an exactly -1 background, finite gradients."""
+    from brats_gan.models import build_models
+    from brats_gan.recipes import model_config
+
+    config = model_config("tiny")
+    assert config.generator_output == "hardtanh"
+    generator, critic = (net.to("cuda", dtype) for net in build_models(config))
+    with torch.no_grad():
+        generator.out.conv.bias.fill_(-5.0)
+    images = generator(torch.randn(8, config.latent_dim, device="cuda", dtype=dtype))
+    assert images.dtype == dtype and (images == -1).float().mean().item() > 0.9
+    critic(images).mean().backward()
+    grads = torch.cat([p.grad.float().flatten() for p in generator.parameters() if p.grad is not None])
+    assert grads.numel() > 0 and torch.isfinite(grads).all().item()
