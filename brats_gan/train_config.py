@@ -114,6 +114,7 @@ class TrainingConfig:
     resize_mode: str | None = None  # None: the preset's
     critic_mbstd_group: int | None = None  # None: the preset's and recipe's
     generator_dropout: float | None = None  # None: the preset's and recipe's
+    generator_output: str | None = None  # None: the preset's and recipe's
     compile: bool = False  # the critic step as one torch.compile'd function (brats_gan.compiled_critic)
     deepspeed_config: str | None = None
     deepspeed: dict[str, Any] = field(default_factory=dict)
@@ -168,7 +169,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--ema-images": ("training", "ema_images"), "--ema-rampup": ("training", "ema_rampup"),
     "--upsample": ("training", "upsample"),
     "--resize-mode": ("training", "resize_mode"), "--critic-mbstd": ("training", "critic_mbstd_group"),
-    "--generator-dropout": ("training", "generator_dropout"), "--compile": ("training", "compile"),
+    "--generator-dropout": ("training", "generator_dropout"),
+    "--generator-output": ("training", "generator_output"), "--compile": ("training", "compile"),
     "--deepspeed-config": ("training", "deepspeed_config"),
     "--out": ("checkpoint", "out"), "--checkpoint-every": ("checkpoint", "every"),
     "--keep-checkpoints": ("checkpoint", "keep"), "--sample-every": ("checkpoint", "sample_every"),
@@ -177,7 +179,7 @@ FLAGS: dict[str, tuple[str, str]] = {
 }
 # Options that change the preset's network; None means the preset's own.
 MODEL_CHOICES = {("training", "upsample"), ("training", "resize_mode"), ("training", "critic_mbstd_group"),
-                 ("training", "generator_dropout")}
+                 ("training", "generator_dropout"), ("training", "generator_output")}
 # What a resumed run may change; anything else would make it a different run.
 RESUMABLE_CHANGES = {("training", "steps"), ("checkpoint", "every"), ("checkpoint", "keep"),
                      ("checkpoint", "sample_every"), ("checkpoint", "samples"), ("data", "num_workers"),
@@ -239,10 +241,10 @@ def validate(options: Options) -> None:
     except ValueError as err:
         raise ConfigError(f"--recipe (training.recipe): {err}") from None
     try:
-        _ = t.model  # the preset with its recipe and --upsample/--resize-mode/--critic-mbstd, validated by ModelConfig
+        _ = t.model  # the preset with its recipe and the network flags (MODEL_CHOICES), validated by ModelConfig
     except ValueError as err:
-        raise ConfigError(f"--upsample/--resize-mode/--critic-mbstd/--generator-dropout (training.upsample/"
-                          f"resize_mode/critic_mbstd_group/generator_dropout): {err}") from None
+        raise ConfigError(f"{'/'.join(sorted(_flag(k) for k in MODEL_CHOICES))} "
+                          f"({'/'.join(sorted(f'{a}.{b}' for a, b in MODEL_CHOICES))}): {err}") from None
     ds = t.deepspeed
     if t.loss == "wgan-clip" and (ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")):
         raise ConfigError("--loss wgan-clip clips the fp32 weights the optimizer owns only in fp32; "

@@ -42,6 +42,25 @@ def test_a_flag_given_wins_over_the_recipe(tmp_path: Path) -> None:
     assert RECIPES["one-critic"].model["generator_dropout"] == 0.0 and own.model.generator_dropout == 0.1
 
 
+def test_the_generator_output_flag_reaches_the_networks_from_the_command_line(tmp_path: Path) -> None:
+    """`--generator-output hardtanh` gives the paper preset the tiny default's flat background; a name argparse does
+    not know is refused before anything runs."""
+    import argparse
+
+    from brats_gan.commands import train
+
+    parser = argparse.ArgumentParser()
+    train.configure_parser(parser)
+    args = parser.parse_args(["--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "run"),
+                              "--preset", "paper", "--generator-output", "hardtanh"])
+    given = train.given_options(args)
+    paper = build_options(given, tmp_path / "run", resume=False, world_size=1).training
+    assert paper.recipe == "poster" and paper.model.generator_output == "hardtanh"
+    assert paper.model.upsample == "transposed", "only the output changes"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--store", "s.zarr", "--out", "run", "--generator-output", "sigmoid"])
+
+
 def test_a_bad_network_flag_is_refused_naming_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--generator-dropout.*generator_dropout must be a float in \[0, 1\)"):
         options(tmp_path, preset="tiny", generator_dropout=1.5)

@@ -23,7 +23,7 @@ from brats_gan.augment import POLICIES as AUGMENT_POLICIES
 from brats_gan.commands import EXIT_UNSAVED
 from brats_gan.data import CACHE_MODES
 from brats_gan.errors import UserError, one_line
-from brats_gan.models import RESIZE_MODES, UPSAMPLES
+from brats_gan.models import GENERATOR_OUTPUTS, RESIZE_MODES, UPSAMPLES
 from brats_gan.recipes import PRESET_RECIPES, RECIPES
 from brats_gan.stopping import Stopped, stop_on_sigterm
 from brats_gan.train_config import (
@@ -71,6 +71,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--generator-dropout", type=float, metavar="P",
                      help="dropout after each of the generator's upsampling layers, the poster's 0.1 (default: the "
                           "recipe's; 0: none). Sampling runs without it")
+    run.add_argument("--generator-output", choices=tuple(GENERATOR_OUTPUTS),
+                     help="the generator's last activation: tanh (Table I) or hardtanh, which reaches the real "
+                          "slices' flat -1 background exactly (default: the recipe's, else tanh)")
     run.add_argument("--compile", action="store_true", default=None,
                      help="run each critic step (its forwards, gradient penalty and both backwards) as one "
                           "torch.compile'd function: far fewer operators per step, after a first compile of a "
