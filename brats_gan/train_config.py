@@ -243,8 +243,8 @@ def validate(options: Options) -> None:
     try:
         _ = t.model  # the preset with its recipe and the network flags (MODEL_CHOICES), validated by ModelConfig
     except ValueError as err:
-        raise ConfigError(f"{'/'.join(sorted(_flag(k) for k in MODEL_CHOICES))} "
-                          f"({'/'.join(sorted(f'{a}.{b}' for a, b in MODEL_CHOICES))}): {err}") from None
+        keys = sorted(MODEL_CHOICES)
+        raise ConfigError(f"{'/'.join(map(_flag, keys))} ({'/'.join(f'{a}.{b}' for a, b in keys)}): {err}") from None
     ds = t.deepspeed
     if t.loss == "wgan-clip" and (ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")):
         raise ConfigError("--loss wgan-clip clips the fp32 weights the optimizer owns only in fp32; "
