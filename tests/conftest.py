@@ -3,18 +3,21 @@ and one two-rank training run that several test modules compare their runs with.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 from store_factory import store_factory  # noqa: F401  (a fixture the ones below use)
-from training_runs import PORTS, REPO, TINY, UNINTERRUPTED_STEPS, launch
+from training_runs import PORTS, REPO, TINY, UNINTERRUPTED_STEPS, group_alive, launch
 
 REAL_CASE = REPO.parent / "shared/data/brats2023-sample"
 
@@ -89,6 +92,46 @@ def shm_buffers(port: int | None = None) -> set[Path]:
         return distributed.shm_buffers(port)
     mapped = distributed.mapped_shm_names()
     return {path for path in distributed.shm_buffers() if path.name not in mapped}
+
+
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getpgid(int(proc.name)) == pgid:
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _mapped_semaphores(pids: list[int] | None = None) -> set[Path]:
+    """The named POSIX semaphores in /dev/shm that the processes ``pids`` (every visible one if None) map."""
+    found = set()
+    maps = [Path(f"/proc/{pid}/maps") for pid in pids] if pids is not None else Path("/proc").glob("[0-9]*/maps")
+    for path in maps:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        found.update(Path(line.split(None, 5)[-1]) for line in text.splitlines() if "/dev/shm/sem." in line
+                     and not line.endswith(" (deleted)"))
+    return found
+
+
+def kill_group(pgid: int, timeout: float = 30) -> None:
+    """SIGKILL the process group ``pgid``, as a scheduler's last resort does, then unlink the named semaphores
+    its processes held. A spawn-context process (Dask's workers) registers each with a resource tracker that
+    unlinks it at exit; SIGKILL to the whole group takes the tracker too, and the semaphores would outlive the
+    suite in the machine's /dev/shm. Only those this group mapped and no live process still maps go."""
+    held = _mapped_semaphores(_group_pids(pgid))
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for path in held - _mapped_semaphores():
+        path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import zarr
-from conftest import cli, run_cli
+from conftest import cli, kill_group, run_cli
 from store_factory import read_without_brats_gan
 
 from brats_gan import schema
@@ -173,7 +173,7 @@ def test_ctrl_c_or_sigterm_prints_one_line_keeps_what_was_stored_and_resume_fini
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc.pid)
     assert proc.returncode == 128 + signum, err
     said = [line for line in err.splitlines() if line.startswith("brats-gan preprocess: ")]
     assert len(said) == 1 and "of 300 subjects; run the same command with --resume" in said[0], err
@@ -233,11 +233,11 @@ def test_kill_9_mid_run_then_resume_equals_a_single_run(tmp_path, many_real, env
         with urllib.request.urlopen(url, timeout=10) as page:
             assert page.status == 200 and b"Dask" in page.read()
         wait_for(lambda: len(markers(store)) >= 3, what="three stored subjects")
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc.pid)  # the CLI, its Dask workers and its resource tracker, mid-run
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc.pid)
     assert zarr.open_group(store, mode="r").attrs["complete"] is False, "the run finished before the kill"
     done = markers(store)
     slots = {sid: zarr.open_group(store / "progress" / sid, mode="r").attrs["slot"] for sid in done}
