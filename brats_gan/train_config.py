@@ -74,6 +74,12 @@ DEEPSPEED_FIELDS = frozenset({
 ADAM_PARAMS = frozenset({"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode", "amsgrad",
                          "bias_correction", "foreach", "fused"})
 MONITORS = ("tensorboard", "csv_monitor")
+# DeepSpeed's learning-rate schedules this trainer drives, and their fields counted in optimizer updates. A config
+# gives them in training steps (as --steps); the critic, which updates n_critic times a step, gets them scaled
+# (engine_deepspeed), so both networks follow one schedule. WarmupDecayLR and WarmupCosineLR end at
+# total_num_steps (left out: --steps), after which they hold the rate at its end value.
+SCHEDULES = {"WarmupLR": ("warmup_num_steps",), "WarmupDecayLR": ("warmup_num_steps", "total_num_steps"),
+             "WarmupCosineLR": ("warmup_num_steps", "total_num_steps")}
 
 
 class ConfigError(UserError):
@@ -246,6 +252,12 @@ def validate(options: Options) -> None:
         keys = sorted(MODEL_CHOICES)
         raise ConfigError(f"{'/'.join(map(_flag, keys))} ({'/'.join(f'{a}.{b}' for a, b in keys)}): {err}") from None
     ds = t.deepspeed
+    end = schedule_end(ds)
+    if end is not None and t.steps > end:
+        raise ConfigError(f"--steps (training.steps) {t.steps} goes past the end of the learning-rate schedule "
+                          f"(scheduler.params.total_num_steps {end}), after which {ds['scheduler']['type']} holds the "
+                          f"rate at its end value; train at most {end} steps, or start a new run with a longer "
+                          "schedule")
     if t.loss == "wgan-clip" and (ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")):
         raise ConfigError("--loss wgan-clip clips the fp32 weights the optimizer owns only in fp32; "
                           "use a config without bf16/fp16 or --loss wgan-gp")
@@ -325,6 +337,7 @@ def load_deepspeed_config(path: str | None, preset: str, world_size: int, recipe
                 if key not in ADAM_PARAMS:
                     raise ConfigError(f"{where}: unknown field 'optimizer.params.{key}'"
                                       f"{_suggest(key, sorted(ADAM_PARAMS))}; known: {', '.join(sorted(ADAM_PARAMS))}")
+    _check_scheduler(config, where)
     from deepspeed.runtime.config import DeepSpeedConfig
 
     probe = {k: v for k, v in config.items() if k != "train_batch_size"}
@@ -334,6 +347,47 @@ def load_deepspeed_config(path: str | None, preset: str, world_size: int, recipe
         raise ConfigError(f"{where}: {' '.join(str(err).split())}") from None
     _check_autocast(config, where)
     _check_precision(config, where)
+    return config
+
+
+def _check_scheduler(config: dict[str, Any], where: str) -> None:
+    scheduler = config.get("scheduler")
+    if scheduler is None:
+        return
+    if not isinstance(scheduler, dict) or scheduler.get("type") not in SCHEDULES:
+        kind = scheduler.get("type") if isinstance(scheduler, dict) else scheduler
+        raise ConfigError(f"{where}: field 'scheduler.type' must be one of {', '.join(SCHEDULES)} (their step counts "
+                          f"are scaled for the critic's n_critic updates a step), got {kind!r}")
+    params = scheduler.setdefault("params", {})
+    for name in SCHEDULES[scheduler["type"]]:
+        value = params.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{where}: field 'scheduler.params.{name}' must be an int >= 1 (training steps), "
+                              f"got {value!r}")
+
+
+def schedule_end(config: dict[str, Any]) -> int | None:
+    """The training step at which the config's learning-rate schedule ends, if it has an end."""
+    return config.get("scheduler", {}).get("params", {}).get("total_num_steps")
+
+
+def _default_schedule_end(config: dict[str, Any], steps: int | None) -> None:
+    """Give a schedule that ends (WarmupDecayLR, WarmupCosineLR) without ``total_num_steps`` the run's ``steps``."""
+    scheduler = config.get("scheduler")
+    if scheduler is not None and steps is not None and "total_num_steps" in SCHEDULES[scheduler["type"]]:
+        scheduler["params"].setdefault("total_num_steps", steps)
+
+
+def engine_deepspeed(config: dict[str, Any], updates_per_step: int) -> dict[str, Any]:
+    """The DeepSpeed config of an engine that updates ``updates_per_step`` times a training step: the
+    schedule's step counts (:data:`SCHEDULES`), given in training steps, scaled to its updates."""
+    config = copy.deepcopy(config)
+    scheduler = config.get("scheduler")
+    if scheduler is not None:
+        params = scheduler.setdefault("params", {})
+        for name in SCHEDULES[scheduler["type"]]:
+            if name in params:
+                params[name] *= updates_per_step
     return config
 
 
@@ -416,6 +470,7 @@ def build_options(given: dict[tuple[str, str], Any], out: str | Path, resume: bo
         if ("training", "deepspeed_config") in given:
             fresh = load_deepspeed_config(given.pop(("training", "deepspeed_config")),
                                           sections["training"]["preset"], world_size)
+            _default_schedule_end(fresh, schedule_end(sections["training"]["deepspeed"]))
             if fresh != sections["training"]["deepspeed"]:
                 raise ConfigError("--resume: --deepspeed-config differs from the config the run was started "
                                   "with (saved in training_options.json); start a new run to change it")
@@ -448,6 +503,7 @@ def build_options(given: dict[tuple[str, str], Any], out: str | Path, resume: bo
             raise ConfigError(f"--recipe (training.recipe): {err}") from None
         training["deepspeed"] = load_deepspeed_config(training.get("deepspeed_config"), preset, world_size,
                                                       training["recipe"])
+        _default_schedule_end(training["deepspeed"], training.get("steps", TrainingConfig.steps))
     try:
         options = Options(DataConfig(**sections["data"]), TrainingConfig(**sections["training"]),
                           CheckpointConfig(**sections["checkpoint"]))

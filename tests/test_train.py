@@ -509,6 +509,44 @@ def test_a_finished_run_resumes_and_continues_counting(store: Path, uninterrupte
     assert read_latest(run) == 14
 
 
+def test_a_learning_rate_schedule_spans_the_run_for_both_networks(store: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """A decaying DeepSpeed schedule is counted in training steps: the critic, five updates a step, decays with
+    the generator, not five times faster; its end defaults to --steps, and no run may train past it."""
+    config = tmp_path / "decay.json"
+    peak = 2e-4
+    config.write_text(json.dumps({**DEFAULT_DEEPSPEED["tiny"], "scheduler": {"type": "WarmupDecayLR", "params": {
+        "warmup_min_lr": 0.0, "warmup_max_lr": peak, "warmup_num_steps": 2, "warmup_type": "linear"}}}))
+    run = tmp_path / "run"
+    proc = launch("--store", store, "--out", run, *TINY, "--steps", "6", "--sample-every", "0",
+                  "--deepspeed-config", config, ranks=1)
+    assert proc.returncode == 0, proc.output
+    options = json.loads((run / "training_options.json").read_text())
+    assert options["training"]["deepspeed"]["scheduler"]["params"]["total_num_steps"] == 6
+    rates = {}
+    for step in (3, 6):
+        states = model_states(run, step)
+        rates[step] = {tag: states[tag]["optimizer"]["param_groups"][0]["lr"] for tag in ("generator", "critic")}
+    assert states["critic"]["global_steps"] == 5 * states["generator"]["global_steps"] == 30
+    assert 0 < rates[6]["generator"] < rates[3]["generator"] <= peak, rates
+    # the critic's rate changes within a step too (its five updates): within one step's decay of the generator's
+    assert 0 < rates[6]["critic"] < rates[3]["critic"], rates
+    for rate in rates.values():
+        assert rate["critic"] == pytest.approx(rate["generator"], abs=peak / 4), rates
+    _refused(capsys, ["--out", str(run), "--resume", "--steps", "8"],
+             "--steps (training.steps) 8 goes past the end of the learning-rate schedule "
+             "(scheduler.params.total_num_steps 6)")
+    common = ["--store", str(store), "--out", str(tmp_path / "new"), "--preset", "tiny", "--steps", "8"]
+    short = json.loads(config.read_text())
+    short["scheduler"]["params"]["total_num_steps"] = 4
+    config.write_text(json.dumps(short))
+    _refused(capsys, [*common, "--deepspeed-config", str(config)], "scheduler.params.total_num_steps 4")
+    short["scheduler"]["type"] = "OneCycle"
+    config.write_text(json.dumps(short))
+    _refused(capsys, [*common, "--deepspeed-config", str(config)], "field 'scheduler.type' must be one of")
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
         store_factory, tmp_path: Path) -> None:

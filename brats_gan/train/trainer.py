@@ -71,6 +71,7 @@ from brats_gan.train_config import (
     Options,
     TrainingConfig,
     autocast_dtype,
+    engine_deepspeed,
     build_options,
     check_run_folder,
     resolve_resume_auto,
@@ -204,8 +205,8 @@ class Trainer:
 
         torch.manual_seed(self.t.seed)
         generator, critic = build_models(self.model_config)
-        self.generator = build_engine(generator, "generator", self.t.deepspeed, self.run_dir)
-        self.critic = build_engine(critic, "critic", self.t.deepspeed, self.run_dir)
+        self.generator = build_engine(generator, "generator", engine_deepspeed(self.t.deepspeed, 1), self.run_dir)
+        self.critic = build_engine(critic, "critic", engine_deepspeed(self.t.deepspeed, self.t.n_critic), self.run_dir)
         self.phases = engine_loss(self.generator, self.critic, self.t, device)
         self.dtype = self.phases.dtype
         self.ema = (AveragedGenerator(self.generator.module, self.t.ema_images, self.t.ema_rampup)
