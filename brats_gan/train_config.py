@@ -374,7 +374,7 @@ def schedule_end(config: dict[str, Any]) -> int | None:
 def _default_schedule_end(config: dict[str, Any], steps: int | None) -> None:
     """Give a schedule that ends (WarmupDecayLR, WarmupCosineLR) without ``total_num_steps`` the run's ``steps``."""
     scheduler = config.get("scheduler")
-    if scheduler is not None and steps is not None and "total_num_steps" in SCHEDULES[scheduler["type"]]:
+    if scheduler is not None and steps is not None and "total_num_steps" in SCHEDULES.get(scheduler.get("type"), ()):
         scheduler["params"].setdefault("total_num_steps", steps)
 
 
@@ -385,7 +385,7 @@ def engine_deepspeed(config: dict[str, Any], updates_per_step: int) -> dict[str,
     scheduler = config.get("scheduler")
     if scheduler is not None:
         params = scheduler.setdefault("params", {})
-        for name in SCHEDULES[scheduler["type"]]:
+        for name in SCHEDULES.get(scheduler.get("type"), ()):  # a run recorded before SCHEDULES: as it was
             if name in params:
                 params[name] *= updates_per_step
     return config

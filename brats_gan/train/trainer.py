@@ -71,9 +71,9 @@ from brats_gan.train_config import (
     Options,
     TrainingConfig,
     autocast_dtype,
-    engine_deepspeed,
     build_options,
     check_run_folder,
+    engine_deepspeed,
     resolve_resume_auto,
     store_identity,
 )
