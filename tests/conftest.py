@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from store_factory import store_factory  # noqa: F401  (a fixture the ones below use)
-from training_runs import PORTS, REPO, TINY, UNINTERRUPTED_STEPS, group_alive, launch
+from training_runs import PORTS, REPO, TINY, UNINTERRUPTED_STEPS, launch
 
 REAL_CASE = REPO.parent / "shared/data/brats2023-sample"
 
@@ -95,12 +95,13 @@ def shm_buffers(port: int | None = None) -> set[Path]:
 
 
 def _group_pids(pgid: int) -> list[int]:
+    """The running processes of group ``pgid``; not zombies, which map nothing and wait on their parent."""
     pids = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if os.getpgid(int(proc.name)) == pgid:
+            if os.getpgid(int(proc.name)) == pgid and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
                 pids.append(int(proc.name))
-        except OSError:
+        except (OSError, IndexError):
             continue
     return pids
 
@@ -128,7 +129,7 @@ def kill_group(pgid: int, timeout: float = 30) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
-    while group_alive(pgid) and time.monotonic() < deadline:
+    while _group_pids(pgid) and time.monotonic() < deadline:
         time.sleep(0.05)
     for path in held - _mapped_semaphores():
         path.unlink(missing_ok=True)
