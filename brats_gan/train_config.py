@@ -74,12 +74,16 @@ DEEPSPEED_FIELDS = frozenset({
 ADAM_PARAMS = frozenset({"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode", "amsgrad",
                          "bias_correction", "foreach", "fused"})
 MONITORS = ("tensorboard", "csv_monitor")
-# DeepSpeed's learning-rate schedules this trainer drives, and their fields counted in optimizer updates. A config
-# gives them in training steps (as --steps); the critic, which updates n_critic times a step, gets them scaled
-# (engine_deepspeed), so both networks follow one schedule. WarmupDecayLR and WarmupCosineLR end at
-# total_num_steps (left out: --steps), after which they hold the rate at its end value.
+# DeepSpeed's learning-rate schedules this trainer drives, and their fields DeepSpeed counts in optimizer updates. A
+# config gives them in training steps (as --steps; DeepSpeed's warmup default of 1000 when left out); the critic,
+# which updates n_critic times a step, gets them scaled (engine_deepspeed), so both networks follow one schedule.
+# WarmupDecayLR and WarmupCosineLR end at total_num_steps (left out: --steps) and hold their end rate after it.
 SCHEDULES = {"WarmupLR": ("warmup_num_steps",), "WarmupDecayLR": ("warmup_num_steps", "total_num_steps"),
              "WarmupCosineLR": ("warmup_num_steps", "total_num_steps")}
+DEFAULT_WARMUP_STEPS = 1000  # DeepSpeed's, recorded so that it is scaled for the critic like a given one
+# training.schedule_units: how a run reads its schedule's counts. Runs recorded before SCHEDULES gave both engines
+# DeepSpeed's counts unscaled; they resume so ("updates").
+SCHEDULE_UNITS = ("training-steps", "updates")
 
 
 class ConfigError(UserError):
@@ -122,6 +126,7 @@ class TrainingConfig:
     generator_dropout: float | None = None  # None: the preset's and recipe's
     generator_output: str | None = None  # None: the preset's and recipe's
     compile: bool = False  # the critic step as one torch.compile'd function (brats_gan.compiled_critic)
+    schedule_units: str = SCHEDULE_UNITS[0]  # SCHEDULE_UNITS; "updates" only for runs recorded before it
     deepspeed_config: str | None = None
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
@@ -237,6 +242,9 @@ def validate(options: Options) -> None:
     for key, ok, must in checks:
         if not ok:
             raise _bad(key, getattr(getattr(options, key[0]), key[1]), must)
+    if t.schedule_units not in SCHEDULE_UNITS:  # set by the run folder alone, never by a flag
+        raise ConfigError(f"training.schedule_units must be one of {', '.join(SCHEDULE_UNITS)}, "
+                          f"got {t.schedule_units!r}")
 
     try:
         get_config(t.preset)
@@ -253,11 +261,15 @@ def validate(options: Options) -> None:
         raise ConfigError(f"{'/'.join(map(_flag, keys))} ({'/'.join(f'{a}.{b}' for a, b in keys)}): {err}") from None
     ds = t.deepspeed
     end = schedule_end(ds)
-    if end is not None and t.steps > end:
-        raise ConfigError(f"--steps (training.steps) {t.steps} goes past the end of the learning-rate schedule "
-                          f"(scheduler.params.total_num_steps {end}), after which {ds['scheduler']['type']} holds the "
-                          f"rate at its end value; train at most {end} steps, or start a new run with a longer "
-                          "schedule")
+    if end is not None and t.schedule_units == "training-steps":
+        kind, warmup = ds["scheduler"]["type"], ds["scheduler"]["params"]["warmup_num_steps"]
+        if t.steps > end:
+            raise ConfigError(f"--steps (training.steps) {t.steps} goes past the end of the learning-rate schedule "
+                              f"(scheduler.params.total_num_steps {end}), after which {kind} holds its end rate; "
+                              f"train at most {end} steps, or start a new run whose schedule ends later")
+        if warmup > end:
+            raise ConfigError(f"scheduler.params.warmup_num_steps {warmup} is past the schedule's end (total_num_steps "
+                              f"{end}): {kind} would never decay; shorten the warmup or end the schedule later")
     if t.loss == "wgan-clip" and (ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")):
         raise ConfigError("--loss wgan-clip clips the fp32 weights the optimizer owns only in fp32; "
                           "use a config without bf16/fp16 or --loss wgan-gp")
@@ -351,6 +363,12 @@ def load_deepspeed_config(path: str | None, preset: str, world_size: int, recipe
 
 
 def _check_scheduler(config: dict[str, Any], where: str) -> None:
+    """Refuse by name what DeepSpeed would reject only inside ``initialize``, on every rank, and record the
+    warmup it would default, so that the critic's is scaled too."""
+    import inspect
+
+    from deepspeed.runtime import lr_schedules
+
     scheduler = config.get("scheduler")
     if scheduler is None:
         return
@@ -359,6 +377,15 @@ def _check_scheduler(config: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: field 'scheduler.type' must be one of {', '.join(SCHEDULES)} (their step counts "
                           f"are scaled for the critic's n_critic updates a step), got {kind!r}")
     params = scheduler.setdefault("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: field 'scheduler.params' must be an object, got {params!r}")
+    known = sorted(set(inspect.signature(getattr(lr_schedules, scheduler["type"])).parameters)
+                   - {"optimizer", "last_batch_iteration"})
+    for key in params:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown field 'scheduler.params.{key}'{_suggest(key, known)}; "
+                              f"{scheduler['type']} takes {', '.join(known)}")
+    params.setdefault("warmup_num_steps", DEFAULT_WARMUP_STEPS)
     for name in SCHEDULES[scheduler["type"]]:
         value = params.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -368,7 +395,10 @@ def _check_scheduler(config: dict[str, Any], where: str) -> None:
 
 def schedule_end(config: dict[str, Any]) -> int | None:
     """The training step at which the config's learning-rate schedule ends, if it has an end."""
-    return config.get("scheduler", {}).get("params", {}).get("total_num_steps")
+    scheduler = config.get("scheduler") or {}
+    if "total_num_steps" not in SCHEDULES.get(scheduler.get("type"), ()):
+        return None
+    return (scheduler.get("params") or {}).get("total_num_steps")
 
 
 def _default_schedule_end(config: dict[str, Any], steps: int | None) -> None:
@@ -385,7 +415,7 @@ def engine_deepspeed(config: dict[str, Any], updates_per_step: int) -> dict[str,
     scheduler = config.get("scheduler")
     if scheduler is not None:
         params = scheduler.setdefault("params", {})
-        for name in SCHEDULES.get(scheduler.get("type"), ()):  # a run recorded before SCHEDULES: as it was
+        for name in SCHEDULES.get(scheduler.get("type"), ()):  # another type: a run from before SCHEDULES
             if name in params:
                 params[name] *= updates_per_step
     return config
@@ -467,6 +497,7 @@ def build_options(given: dict[tuple[str, str], Any], out: str | Path, resume: bo
             raise ConfigError(f"--resume: {err}; --out names the run to continue") from None
         sections = {name: dict(saved[name]) for name in ("data", "training", "checkpoint")}
         sections["training"].setdefault("recipe", "poster")  # runs from before recipes had the poster's
+        sections["training"].setdefault("schedule_units", "updates")  # runs from before SCHEDULES: as they trained
         if ("training", "deepspeed_config") in given:
             fresh = load_deepspeed_config(given.pop(("training", "deepspeed_config")),
                                           sections["training"]["preset"], world_size)

@@ -19,6 +19,8 @@ import pytest
 from store_factory import store_factory  # noqa: F401  (a fixture the ones below use)
 from training_runs import PORTS, REPO, TINY, UNINTERRUPTED_STEPS, launch
 
+SEMAPHORE_PREFIX = "sem.mp-"  # multiprocessing's named semaphores in /dev/shm
+
 REAL_CASE = REPO.parent / "shared/data/brats2023-sample"
 
 
@@ -106,33 +108,51 @@ def _group_pids(pgid: int) -> list[int]:
     return pids
 
 
-def _mapped_semaphores(pids: list[int] | None = None) -> set[Path]:
-    """The named POSIX semaphores in /dev/shm that the processes ``pids`` (every visible one if None) map."""
-    found = set()
+def _mapped_shm_inodes(pids: list[int] | None = None) -> set[int]:
+    """Inodes of the /dev/shm files that the processes ``pids`` (every visible one if None) map. By inode, not
+    name: glibc's sem_open maps a temporary name, links it to the semaphore's and unlinks it, so the
+    creator's map shows ``sem.XXXXXX (deleted)``."""
+    inodes = set()
     maps = [Path(f"/proc/{pid}/maps") for pid in pids] if pids is not None else Path("/proc").glob("[0-9]*/maps")
     for path in maps:
         try:
             text = path.read_text()
         except OSError:
             continue
-        found.update(Path(line.split(None, 5)[-1]) for line in text.splitlines() if "/dev/shm/sem." in line
-                     and not line.endswith(" (deleted)"))
-    return found
+        for line in text.splitlines():
+            fields = line.split(None, 5)
+            if len(fields) == 6 and fields[5].startswith("/dev/shm/"):
+                inodes.add(int(fields[4]))
+    return inodes
 
 
-def kill_group(pgid: int, timeout: float = 30) -> None:
-    """SIGKILL the process group ``pgid``, as a scheduler's last resort does, then unlink the named semaphores
-    its processes held. A spawn-context process (Dask's workers) registers each with a resource tracker that
-    unlinks it at exit; SIGKILL to the whole group takes the tracker too, and the semaphores would outlive the
-    suite in the machine's /dev/shm. Only those this group mapped and no live process still maps go."""
-    held = _mapped_semaphores(_group_pids(pgid))
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
+def kill_group(pgid: int, timeout: float = 30) -> set[Path]:
+    """SIGKILL the process group ``pgid``, as a scheduler's last resort does, and unlink the multiprocessing
+    semaphores its processes held; return those unlinked. A spawn-context process (Dask's workers) registers
+    each with a resource tracker, which unlinks what its registrants leave; SIGKILL to the whole group takes
+    the tracker too, and they would outlive the suite in the machine's /dev/shm. The group is stopped first, so
+    none is made between the listing and the kill; only this user's that no live process still maps go."""
+    held: set[int] = set()
+    try:
+        os.killpg(pgid, signal.SIGSTOP)
+        held = _mapped_shm_inodes(_group_pids(pgid))
+    except ProcessLookupError:
+        pass
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
     while _group_pids(pgid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    for path in held - _mapped_semaphores():
-        path.unlink(missing_ok=True)
+    orphaned = held - _mapped_shm_inodes()
+    removed = set()
+    for path in Path("/dev/shm").glob(f"{SEMAPHORE_PREFIX}*"):
+        with contextlib.suppress(FileNotFoundError):
+            info = path.stat()
+            if info.st_ino in orphaned and info.st_uid == os.getuid():
+                path.unlink()
+                removed.add(path)
+    return removed
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -50,6 +50,7 @@ from brats_gan.train_config import (
     DEFAULT_DEEPSPEED,
     ConfigError,
     autocast_dtype,
+    build_options,
     load_deepspeed_config,
     precision_supported,
 )
@@ -533,14 +534,29 @@ def test_a_learning_rate_schedule_spans_the_run_for_both_networks(store: Path, t
     assert 0 < rates[6]["critic"] < rates[3]["critic"], rates
     for rate in rates.values():
         assert rate["critic"] == pytest.approx(rate["generator"], abs=peak / 4), rates
-    _refused(capsys, ["--out", str(run), "--resume", "--steps", "8"],
-             "--steps (training.steps) 8 goes past the end of the learning-rate schedule "
-             "(scheduler.params.total_num_steps 6)")
+    past_the_end = "--steps (training.steps) 8 goes past the end of the learning-rate schedule " \
+                   "(scheduler.params.total_num_steps 6)"
+    _refused(capsys, ["--out", str(run), "--resume", "--steps", "8"], past_the_end)
+    _refused(capsys, ["--out", str(run), "--resume", "--steps", "8", "--deepspeed-config", str(config)], past_the_end)
+    before = (run / "training_options.json").read_text()
+    recorded = json.loads(before)  # as a run from before schedules were counted in training steps records it
+    del recorded["training"]["schedule_units"]
+    (run / "training_options.json").write_text(json.dumps(recorded))
+    old = build_options({("training", "steps"): 8}, run, resume=True, world_size=1)
+    assert (old.training.schedule_units, old.training.steps) == ("updates", 8), "it resumes as it trained"
+    (run / "training_options.json").write_text(before)
     common = ["--store", str(store), "--out", str(tmp_path / "new"), "--preset", "tiny", "--steps", "8"]
     short = json.loads(config.read_text())
     short["scheduler"]["params"]["total_num_steps"] = 4
     config.write_text(json.dumps(short))
     _refused(capsys, [*common, "--deepspeed-config", str(config)], "scheduler.params.total_num_steps 4")
+    short["scheduler"]["params"].update(total_num_steps=8, warmup_num_steps=10)
+    config.write_text(json.dumps(short))
+    _refused(capsys, [*common, "--deepspeed-config", str(config)], "warmup_num_steps 10 is past the schedule's end")
+    short["scheduler"]["params"] = {"warmup_num_step": 2}
+    config.write_text(json.dumps(short))
+    _refused(capsys, [*common, "--deepspeed-config", str(config)],
+             "unknown field 'scheduler.params.warmup_num_step' (did you mean 'warmup_num_steps'?)")
     short["scheduler"]["type"] = "OneCycle"
     config.write_text(json.dumps(short))
     _refused(capsys, [*common, "--deepspeed-config", str(config)], "field 'scheduler.type' must be one of")
