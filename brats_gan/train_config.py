@@ -393,29 +393,33 @@ def _check_scheduler(config: dict[str, Any], where: str) -> None:
                               f"got {value!r}")
 
 
+def _ends(scheduler: Any) -> bool:
+    """Whether ``scheduler`` (a config's block) is a schedule with an end (WarmupDecayLR, WarmupCosineLR)."""
+    return isinstance(scheduler, dict) and "total_num_steps" in SCHEDULES.get(scheduler.get("type"), ())
+
+
 def schedule_end(config: dict[str, Any]) -> int | None:
     """The training step at which the config's learning-rate schedule ends, if it has an end."""
-    scheduler = config.get("scheduler") or {}
-    if "total_num_steps" not in SCHEDULES.get(scheduler.get("type"), ()):
-        return None
-    return (scheduler.get("params") or {}).get("total_num_steps")
+    scheduler = config.get("scheduler")
+    return (scheduler.get("params") or {}).get("total_num_steps") if _ends(scheduler) else None
 
 
 def _default_schedule_end(config: dict[str, Any], steps: int | None) -> None:
-    """Give a schedule that ends (WarmupDecayLR, WarmupCosineLR) without ``total_num_steps`` the run's ``steps``."""
-    scheduler = config.get("scheduler")
-    if scheduler is not None and steps is not None and "total_num_steps" in SCHEDULES.get(scheduler.get("type"), ()):
-        scheduler["params"].setdefault("total_num_steps", steps)
+    """Give a schedule that ends without ``total_num_steps`` the run's ``steps``."""
+    if _ends(config.get("scheduler")) and steps is not None:
+        config["scheduler"]["params"].setdefault("total_num_steps", steps)
 
 
-def engine_deepspeed(config: dict[str, Any], updates_per_step: int) -> dict[str, Any]:
-    """The DeepSpeed config of an engine that updates ``updates_per_step`` times a training step: the
-    schedule's step counts (:data:`SCHEDULES`), given in training steps, scaled to its updates."""
-    config = copy.deepcopy(config)
+def engine_deepspeed(t: TrainingConfig, engine: str) -> dict[str, Any]:
+    """The DeepSpeed config of the ``generator`` or ``critic`` engine: the schedule's step counts
+    (:data:`SCHEDULES`), given in training steps, scaled to the engine's updates a step (the critic's
+    n_critic); a run recorded in DeepSpeed's own counts (``schedule_units`` "updates") gets them as recorded."""
+    config = copy.deepcopy(t.deepspeed)
     scheduler = config.get("scheduler")
-    if scheduler is not None:
+    updates_per_step = t.n_critic if engine == "critic" and t.schedule_units == "training-steps" else 1
+    if scheduler is not None and updates_per_step != 1:
         params = scheduler.setdefault("params", {})
-        for name in SCHEDULES.get(scheduler.get("type"), ()):  # another type: a run from before SCHEDULES
+        for name in SCHEDULES[scheduler["type"]]:
             if name in params:
                 params[name] *= updates_per_step
     return config

@@ -205,9 +205,8 @@ class Trainer:
 
         torch.manual_seed(self.t.seed)
         generator, critic = build_models(self.model_config)
-        critic_updates = self.t.n_critic if self.t.schedule_units == "training-steps" else 1
-        self.generator = build_engine(generator, "generator", engine_deepspeed(self.t.deepspeed, 1), self.run_dir)
-        self.critic = build_engine(critic, "critic", engine_deepspeed(self.t.deepspeed, critic_updates), self.run_dir)
+        self.generator = build_engine(generator, "generator", engine_deepspeed(self.t, "generator"), self.run_dir)
+        self.critic = build_engine(critic, "critic", engine_deepspeed(self.t, "critic"), self.run_dir)
         self.phases = engine_loss(self.generator, self.critic, self.t, device)
         self.dtype = self.phases.dtype
         self.ema = (AveragedGenerator(self.generator.module, self.t.ema_images, self.t.ema_rampup)
