@@ -14,9 +14,11 @@ by signal N (its last checkpoint kept).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 from brats_gan.augment import POLICIES as AUGMENT_POLICIES
@@ -39,6 +41,7 @@ log = logging.getLogger("brats_gan.train")
 DESCRIPTION = "Train the WGAN of the poster with two DeepSpeed data-parallel engines, streaming from the slice store."
 EXIT_DIVERGED = 3
 EXIT_OUT_OF_MEMORY = 4
+EVERY_RANK_ERROR_GRACE_S = 60.0  # how long a node's other ranks leave its first rank to report a shared setting
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -195,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         local_rank = os.environ.get("LOCAL_RANK", str(args.local_rank or 0))
         if getattr(err, "every_rank", False) and local_rank != "0":
-            return 2  # a launcher setting every rank shares (distributed.LaunchError): the node's first rank says it
+            # A launcher setting every rank shares (distributed.LaunchError): the node's first rank says it. Exiting
+            # first would let the launcher kill that rank before it speaks, so wait for the launcher to end this
+            # one, and speak only if it never does (not started by a launcher).
+            with contextlib.suppress(KeyboardInterrupt):
+                time.sleep(EVERY_RANK_ERROR_GRACE_S)
         print(f"brats_gan.train{where}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C twice, or SIGTERM before training started (stopping.Stopped)
